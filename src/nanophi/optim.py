@@ -1,0 +1,74 @@
+"""Optimizers and the learning-rate schedule.
+
+`lr_multiplier(step)` is a pure function of the step (so resume needs no scheduler state); each param group
+keeps its own `base_lr` and the trainer sets `lr = base_lr * multiplier` before every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nanophi.config import TrainConfig
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine to min_lr/lr, or warmup-stable-decay (WSD), or constant."""
+    floor = cfg.min_lr / cfg.lr
+    if step < cfg.warmup_iters:
+        return (step + 1) / (cfg.warmup_iters + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.max_iters * (1 - cfg.decay_frac))
+        if step < decay_start:
+            return 1.0
+        frac = (step - decay_start) / max(1, cfg.max_iters - decay_start)
+        return 1.0 - (1.0 - floor) * min(1.0, frac)
+    # cosine from the end of warmup to max_iters, then stay at the floor
+    frac = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * frac))
+
+
+def schedule_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that are legal but almost always a mistake."""
+    out = []
+    if cfg.warmup_iters >= cfg.max_iters:
+        out.append(f"warmup ({cfg.warmup_iters} steps) is not shorter than training ({cfg.max_iters} steps): "
+                   "the learning rate never reaches its peak")
+    elif cfg.warmup_iters > 0.5 * cfg.max_iters:
+        out.append(f"warmup takes {cfg.warmup_iters / cfg.max_iters:.0%} of training; 1-10% is usual")
+    if cfg.min_lr > cfg.lr:
+        out.append(f"min_lr {cfg.min_lr} is above the peak lr {cfg.lr}: the schedule increases")
+    if cfg.lr > 1e-1 and cfg.optimizer == "adamw":
+        out.append(f"lr {cfg.lr} is very high for AdamW; 1e-4..3e-3 is the usual range")
+    if cfg.eval_interval > cfg.max_iters:
+        out.append(f"eval_interval {cfg.eval_interval} > max_iters {cfg.max_iters}: only the final eval will run")
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear weights, embeddings), not biases or norm gains (nanoGPT's rule: dim >= 2)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    if cfg.optimizer == "muon":
+        from nanophi.muon import build_muon
+
+        return build_muon(model, cfg)
+    # fused AdamW is fastest on GPUs; on CPU the foreach (multi-tensor) path saves per-parameter dispatch
+    kwargs = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kwargs
+    )
+    for g in opt.param_groups:
+        g["base_lr"] = cfg.lr
+    return opt

@@ -1,0 +1,401 @@
+"""The training loop: `Trainer` (one step, evaluation, checkpoint state) and `train(cfg)` around it.
+
+    cfg = config.resolve({"data": "book.txt", "max_iters": 500})
+    summary = train(cfg)
+
+Everything is deterministic given the seed on CPU: the batch sampler, dropout and init draw from seeded
+generators whose states go into every checkpoint, so `--resume` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from nanophi import checkpoint
+from nanophi.callbacks import Callback, build_callbacks
+from nanophi.config import DataConfig, RunConfig, TrainConfig, add_dataclass_arguments, load_toml, resolve
+from nanophi.dataloader import BatchLoader, eval_batches
+from nanophi.device import autocast, pick_device, pick_dtype
+from nanophi.errors import UserError
+from nanophi.model import GPT, GPTConfig
+from nanophi.optim import build_optimizer, lr_multiplier, schedule_warnings
+
+log = logging.getLogger("nanophi.train")
+
+# A loss at step 0 further than this from ln(vocab) (in nats) means the init is not giving uniform logits.
+INIT_LOSS_TOLERANCE = 0.5
+# Model fields that may change on --resume without making the checkpoint incompatible.
+RESUMABLE_MODEL_FIELDS = {"dropout"}
+
+
+class TrainingDiverged(UserError):
+    """The loss or a gradient went non-finite; the message names where and the last good checkpoint."""
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: Any,  # nanophi.prepare.PreparedData
+        callbacks: Sequence[Callback] | None = None,
+        model: GPT | None = None,
+        rank: int = 0,
+    ) -> None:
+        self.cfg, self.data, self.rank = cfg, data, rank
+        tc = cfg.train
+        self.run_dir = Path(tc.out)
+        self.device = pick_device(tc.device)
+        self.dtype = pick_dtype(tc.dtype, self.device)
+        torch.manual_seed(tc.seed)
+        if model is None:
+            cfg.model.vocab_size = data.vocab_size
+            model = GPT(cfg.model)
+        elif model.config.vocab_size < data.vocab_size:
+            raise UserError(f"the data has {data.vocab_size} token ids but the model only {model.config.vocab_size}")
+        self.model = model.to(self.device)
+        self.raw_model = self.model  # the module whose weights we save, whatever wraps it for speed
+        if tc.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(self.raw_model, tc, self.device.type)
+        self.loader = BatchLoader(data.train, cfg.model.block_size, tc.batch_size, tc.seed, self.device, rank)
+        self.step = 0
+        self.best_val = math.inf
+        self.evals_since_best = 0
+        self.tokens_seen = 0
+        self.last_good: Path | None = None
+        self.callbacks: list[Callback] = list(callbacks) if callbacks is not None else build_callbacks(self)
+        if tc.checks == "on":
+            self._check_data()
+
+    # --- one step -------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's record."""
+        tc = self.cfg.train
+        mult = lr_multiplier(self.step, tc)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        for cb in self.callbacks:
+            cb.on_step_begin(self, self.step)
+        self.model.train()
+        loss_sum = 0.0
+        for micro in range(tc.grad_accum):
+            x, y = self.loader.next()
+            with autocast(self.device, self.dtype):
+                _, loss = self.model(x, y)
+            if tc.checks == "on" and not torch.isfinite(loss):
+                self._diverged(x, y, "loss")
+            (loss / tc.grad_accum).backward()
+            loss_sum += loss.item()
+        for cb in self.callbacks:
+            cb.on_after_backward(self, self.step)
+        if tc.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tc.grad_clip).item()
+        else:
+            grad_norm = _grad_norm(self.raw_model)
+        if tc.checks == "on" and not math.isfinite(grad_norm):
+            self._diverged(x, y, "gradient")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens_seen += tc.batch_size * tc.grad_accum * self.cfg.model.block_size
+        record = {"kind": "train", "step": self.step, "loss": loss_sum / tc.grad_accum,
+                  "lr": tc.lr * mult, "grad_norm": grad_norm}
+        self.step += 1
+        return record
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        tokens = self.data.val if split == "val" else self.data.train
+        n_bytes = self.data.val_bytes if split == "val" else self.data.meta.get("train_bytes")
+        return evaluate_tokens(self.model, tokens, n_bytes, self.cfg.model.block_size,
+                               self.cfg.train.eval_batch_size, self.device, self.dtype, self.cfg.train.eval_iters)
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        """Optimizer and RNG states: tensors and plain containers only, loadable with weights_only=True."""
+        state = {"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        for g in self.optimizer.param_groups:  # base_lr is not a tensor: restore it from the config
+            g.setdefault("base_lr", self.cfg.train.lr)
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def save(self, links: tuple[str, ...] = ("last",)) -> Path:
+        state = {"best_val": self.best_val if math.isfinite(self.best_val) else None,
+                 "evals_since_best": self.evals_since_best, "tokens_seen": self.tokens_seen,
+                 "data_sha256": self.data.meta.get("sha256"), "data_dir": str(self.data.dir)}
+        path = checkpoint.save(self.run_dir, self.step, self.raw_model, self.cfg.to_dict(), state,
+                               self.trainer_state(), self.data.dir / "tokenizer", links)
+        self.last_good = path
+        return path
+
+    def resume(self) -> None:
+        ckpt = checkpoint.load(self.run_dir / "last")
+        checkpoint.load_weights_into(self.raw_model, ckpt.weights, ckpt.path)
+        self.load_trainer_state(ckpt.trainer)
+        self.step = ckpt.state["step"]
+        self.best_val = ckpt.state.get("best_val") or math.inf
+        self.evals_since_best = ckpt.state.get("evals_since_best", 0)
+        self.tokens_seen = ckpt.state.get("tokens_seen", 0)
+        self.last_good = ckpt.path
+        log.info(f"resumed from {ckpt.path} at step {self.step}")
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        for warning in schedule_warnings(tc):
+            log.warning(f"warning: {warning}")
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        t_start = time.perf_counter()
+        t_window, window_steps = time.perf_counter(), 0
+        stop_reason = "max_iters"
+        while self.step < tc.max_iters:
+            first = self.step == 0
+            record = self.train_step()
+            window_steps += 1
+            if first and tc.checks == "on":
+                self._check_init_loss(record["loss"])
+            for cb in self.callbacks:
+                cb.on_step_end(self, record)
+            debug_step = tc.debug_interval > 0 and record["step"] % tc.debug_interval == 0
+            if record["step"] % tc.log_interval == 0 or debug_step or self.step == tc.max_iters:
+                elapsed = time.perf_counter() - t_window
+                ms = 1000 * elapsed / window_steps
+                tokens_per_iter = tc.batch_size * tc.grad_accum * self.cfg.model.block_size
+                record |= {"ms_per_iter": ms, "tokens_per_s": tokens_per_iter * window_steps / elapsed,
+                           "max_rss_mb": _max_rss_mb(), "elapsed_s": time.perf_counter() - t_start}
+                record["mfu"] = self.mfu(record["tokens_per_s"])
+                if self.device.type == "cuda":
+                    record["cuda_max_alloc_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                for cb in self.callbacks:
+                    cb.on_log(self, record)
+                t_window, window_steps = time.perf_counter(), 0
+            done = self.step == tc.max_iters
+            out_of_time = tc.max_time is not None and time.perf_counter() - t_start >= tc.max_time
+            if self.step % tc.eval_interval == 0 or done or out_of_time:
+                if self._eval_and_checkpoint():
+                    stop_reason = "early_stop"
+                    break
+                t_window, window_steps = time.perf_counter(), 0  # eval time is not training throughput
+            if tc.sample_interval and self.step % tc.sample_interval == 0:
+                text = self.sample_text()
+                for cb in self.callbacks:
+                    cb.on_sample(self, self.step, text)
+            if out_of_time:
+                stop_reason = "max_time"
+                break
+        summary = {"step": self.step, "best_val_loss": self.best_val, "stop_reason": stop_reason,
+                   "train_time_s": time.perf_counter() - t_start, "tokens_seen": self.tokens_seen,
+                   "run_dir": str(self.run_dir)}
+        for cb in self.callbacks:
+            cb.on_train_end(self, summary)
+        return summary
+
+    def _eval_and_checkpoint(self) -> bool:
+        """Evaluate, checkpoint `last` (and `best` if improved). Returns True when early stopping fires."""
+        metrics = self.evaluate()
+        is_best = metrics["val_loss"] < self.best_val
+        if is_best:
+            self.best_val, self.evals_since_best = metrics["val_loss"], 0
+        else:
+            self.evals_since_best += 1
+        record = {"kind": "eval", "step": self.step, **metrics, "is_best": is_best}
+        for cb in self.callbacks:
+            cb.on_eval(self, record)
+        if self.rank == 0:
+            self.save(("last", "best") if is_best else ("last",))
+        patience = self.cfg.train.early_stop
+        if patience is not None and self.evals_since_best >= patience:
+            log.info(f"early stop: no better val loss in {patience} evals (best {self.best_val:.4f})")
+            return True
+        return False
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation against the device's peak (see nanophi.mfu); None when unknown."""
+        peak = getattr(self, "_peak", "unset")
+        if peak == "unset":
+            try:
+                from nanophi.mfu import peak_flops
+            except ImportError:
+                self._peak = None
+            else:
+                self._peak = peak_flops(self.device, self.dtype)[0]
+            peak = self._peak
+        if not peak:
+            return None
+        return self.raw_model.flops_per_token() * tokens_per_s / peak
+
+    def sample_text(self, max_new_tokens: int = 120) -> str:
+        """A short sample for the log, drawn with its own generator so training's RNG streams are untouched."""
+        from nanophi.generate import Engine
+
+        engine = Engine(self.raw_model, self.data.tokenizer, device=self.device)
+        prompt = self.data.tokenizer.decode(self.data.val[:8].tolist())
+        return prompt + engine.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.8, top_k=50,
+                                        seed=self.step)[0]
+
+    # --- checks ----------------------------------------------------------------------------------------------
+    def _check_data(self) -> None:
+        vocab = self.raw_model.config.vocab_size
+        for name, arr in (("train", self.data.train), ("val", self.data.val)):
+            if len(arr) == 0:
+                raise UserError(f"the {name} split is empty; use a bigger corpus")
+            top = int(arr.max())
+            if top >= vocab:
+                raise UserError(f"the {name} split holds token id {top} but the model's vocabulary has {vocab} "
+                                "entries; prepare the data with the model's tokenizer")
+
+    def _check_init_loss(self, loss: float) -> None:
+        expected = math.log(self.raw_model.config.vocab_size)
+        if self.cfg.train.init_from is None and abs(loss - expected) > INIT_LOSS_TOLERANCE:
+            log.warning(f"warning: loss at step 0 is {loss:.3f}, expected about ln(vocab) = {expected:.3f} "
+                        "for a fresh model: the initialisation is not giving near-uniform predictions")
+
+    def _diverged(self, x: torch.Tensor, y: torch.Tensor, what: str) -> None:
+        from nanophi.debug.guards import locate_nonfinite
+
+        where = locate_nonfinite(self.raw_model, x, y, self.device, self.dtype)
+        last = f"last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint was saved yet"
+        raise TrainingDiverged(f"the {what} became non-finite at step {self.step}; {where}; {last}; "
+                               "lower --lr or raise --warmup-iters and --resume")
+
+
+@torch.no_grad()
+def evaluate_tokens(
+    model: torch.nn.Module,
+    tokens: Any,
+    n_bytes: int | None,
+    block_size: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Mean loss (nats/token) over a whole split, and bits per byte when the split's byte count is known."""
+    was_training = model.training
+    model.eval()
+    total_nats, total_targets = 0.0, 0
+    for x, y in eval_batches(tokens, block_size, batch_size, device, max_batches):
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        n = int((y != -1).sum())
+        total_nats += loss.item() * n
+        total_targets += n
+    model.train(was_training)
+    mean = total_nats / total_targets
+    out = {"val_loss": mean, "val_tokens": total_targets}
+    if n_bytes:
+        # bytes per scored token is taken from the whole split: exact for the full split up to its first token
+        out["val_bpb"] = total_nats / math.log(2) / (n_bytes * total_targets / max(1, len(tokens) - 1))
+    else:
+        out["val_bpb"] = float("nan")
+    return out
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else 0.0
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Any = None) -> Any:
+    from nanophi.prepare import prepare
+
+    dc = cfg.data
+    return prepare(dc.data, tokenizer=dc.tokenizer, vocab_size=dc.vocab_size, val_fraction=dc.val_fraction,
+                   glob=dc.glob, tokenizer_obj=tokenizer)
+
+
+def train(cfg: RunConfig, callbacks: Sequence[Callback] | None = None) -> dict[str, Any]:
+    """Prepare the data (cached), build or resume the model, train, and return the run's summary."""
+    tc = cfg.train
+    run_dir = Path(tc.out)
+    model, tokenizer = None, None
+    if tc.init_from and not tc.resume:
+        from nanophi.refs import load_model
+
+        model, tokenizer = load_model(tc.init_from)
+        cfg.model = model.config
+    elif tc.resume:
+        saved = checkpoint.load(run_dir / "last", with_trainer=False)
+        if tc.init_from:
+            from nanophi.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(saved.path / "tokenizer")
+    data = prepare_data(cfg, tokenizer)
+    if tc.resume and saved.state.get("data_sha256") not in (None, data.meta.get("sha256")):
+        raise UserError(f"--resume: the corpus differs from the one {run_dir} was trained on "
+                        f"({saved.config['data'].get('data')}); pass the same --data")
+    if model is None and cfg.model.block_size + 1 > len(data.train):
+        raise UserError(f"the corpus has {len(data.train)} training tokens, fewer than block_size + 1 = "
+                        f"{cfg.model.block_size + 1}; use more text or a smaller --block-size")
+    trainer = Trainer(cfg, data, callbacks, model=model)
+    if tc.resume:
+        trainer.resume()
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    log.info(f"model: {trainer.raw_model.num_params() / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}, "
+             f"{len(data.train):,} train / {len(data.val):,} val tokens, device {trainer.device}, "
+             f"{str(trainer.dtype).removeprefix('torch.')}")
+    return trainer.fit()
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML recipe of overrides (e.g. recipes/cpu-fast.toml)")
+    add_dataclass_arguments(parser, DataConfig)
+    add_dataclass_arguments(parser, GPTConfig)
+    add_dataclass_arguments(parser, TrainConfig)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "verbose", "config")}
+    toml = load_toml(args.config) if args.config else None
+    out = Path(flags.get("out") or (toml or {}).get("train", {}).get("out") or TrainConfig().out)
+    saved = None
+    if flags.get("resume"):
+        last = out / "last"
+        if not (last / checkpoint.CONFIG).exists():
+            raise UserError(f"--resume: no checkpoint in {last}; train without --resume first (or fix --out)")
+        saved = checkpoint.load(last, with_trainer=False).config
+    cfg = resolve(flags, toml, saved)
+    if saved is not None:
+        _check_compatible(saved["model"], cfg.model.to_dict(), last)
+    elif (out / "last").exists():
+        raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
+    return cfg
+
+
+def _check_compatible(saved: dict[str, Any], new: dict[str, Any], where: Path) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in new.items()
+             if k not in RESUMABLE_MODEL_FIELDS and saved.get(k) != v]
+    if diffs:
+        raise UserError(f"--resume: the model config differs from the checkpoint in {where} ({'; '.join(diffs)}); "
+                        "drop those flags or train into a new --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    summary = train(cfg)
+    print(json.dumps({k: summary[k] for k in ("run_dir", "step", "best_val_loss", "stop_reason")}))
+    return 0
