@@ -1,0 +1,207 @@
+"""Stage 1: the raw code pool that the filter later picks textbook-quality documents from.
+
+phi-1 filtered The Stack and StackOverflow. Offline, the stand-in is the running interpreter's standard library
+with its tests (`sysconfig.get_paths()["stdlib"]`, ~31 MB of .py for CPython 3.11): real, varied, licensed
+(PSF-2.0) Python of every quality, from tutorial-clean modules to regression tests. A folder of .py files or a
+JSONL with `text` (or `content`) fields works the same way.
+
+A document is a whole file (`split="file"`) or one top-level function or class (`split="function"`, cut with
+`ast` line spans, decorators included). Files that are not UTF-8 or do not parse are skipped and counted: both
+are noise for a model learning to write Python 3. Order is sorted by path, so the pool is deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import os
+import sysconfig
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from nanophi.errors import UserError
+from nanophi.textbook.records import make_record, read_jsonl, stats_path, write_jsonl_atomic, write_stats
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("file", "function")
+MIN_CHARS = 64  # shorter than a two-line function: nothing to learn from
+MAX_CHARS = 100_000  # generated tables and giant test files; also keeps one document well inside a context
+SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})  # installed packages are not the stdlib
+STDLIB_LICENCE = "PSF-2.0"
+LICENCE_KEYS = ("licence", "license", "licenses", "max_stars_repo_licenses")  # The Stack names it the last way
+PATH_KEYS = ("path", "max_stars_repo_path", "source")
+
+
+def stdlib_dir() -> Path:
+    """The standard library folder of the running interpreter (tests included)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def iter_py_files(root: Path) -> Iterator[Path]:
+    """Every .py file under `root` in sorted path order, skipping installed packages and caches."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                yield Path(dirpath) / name
+
+
+def parse_python(text: str) -> ast.Module | None:
+    """`ast.parse`, or None when the text is not Python 3 (syntax error, null bytes, too deep)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # old files raise SyntaxWarning for invalid escapes; not our business
+        try:
+            return ast.parse(text)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return None
+
+
+def split_top_level(text: str, tree: ast.Module) -> Iterator[tuple[str, str, int, int]]:
+    """Yield (name, source, first line, last line) of each top-level function or class, decorators included."""
+    lines = text.splitlines(keepends=True)
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.end_lineno:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            yield node.name, "".join(lines[start - 1 : node.end_lineno]), start, node.end_lineno
+
+
+def _first(rec: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        v = rec.get(k)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v:
+            return v
+    return None
+
+
+def _iter_raw(source: str | None, licence: str, stats: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (text, provenance) per raw file/record of the source; count undecodable files in `stats`."""
+    if source is None or Path(source).is_dir():
+        root = stdlib_dir() if source is None else Path(source)
+        if source is None:
+            licence = STDLIB_LICENCE
+        stats["source"] = f"stdlib:{root}" if source is None else str(root)
+        for path in iter_py_files(root):
+            stats["n_files"] += 1
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                stats["skipped_non_utf8"] += 1
+                continue
+            except OSError as e:  # unreadable file (permissions, broken link): skip, but say so
+                log.warning("skipping %s: %s", path, e)
+                stats["skipped_unreadable"] += 1
+                continue
+            yield text, {"path": path.relative_to(root).as_posix(), "licence": licence}
+    elif Path(source).is_file():
+        stats["source"] = str(source)
+        for rec in read_jsonl(source):
+            stats["n_files"] += 1
+            text = rec.get("text") or rec.get("content")
+            if not isinstance(text, str):
+                stats["skipped_no_text"] += 1
+                continue
+            yield text, {"path": _first(rec, PATH_KEYS), "licence": _first(rec, LICENCE_KEYS) or licence}
+    else:
+        raise UserError(f"{source}: no such file or folder; give a folder of .py files or a JSONL with 'text'")
+
+
+def iter_pool(
+    source: str | None,
+    *,
+    split: str = "file",
+    min_chars: int = MIN_CHARS,
+    max_chars: int = MAX_CHARS,
+    licence: str = "unknown",
+    stats: dict[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield pool records from `source` (None: the stdlib). Counters go into `stats` if given."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {SPLITS}, got {split!r}")
+    st: dict[str, Any] = stats if stats is not None else {}
+    for key in ("n_files", "skipped_non_utf8", "skipped_unreadable", "skipped_no_text", "skipped_unparsable",
+                "skipped_short", "skipped_long"):
+        st.setdefault(key, 0)
+    for text, prov in _iter_raw(source, licence, st):
+        tree = parse_python(text)
+        if tree is None:
+            st["skipped_unparsable"] += 1
+            continue
+        if split == "file":
+            pieces = [(None, text, 1, text.count("\n") + 1)]
+        else:
+            pieces = list(split_top_level(text, tree))
+        for name, piece, first, last in pieces:
+            if len(piece) < min_chars:
+                st["skipped_short"] += 1
+                continue
+            if len(piece) > max_chars:
+                st["skipped_long"] += 1
+                continue
+            p = {"stage": "pool", "source": st.get("source"), **prov, "split": split}
+            if name is not None:
+                p.update(name=name, lines=[first, last])
+            yield make_record(piece, p)
+
+
+def build_pool(
+    source: str | None,
+    out: str | os.PathLike,
+    *,
+    split: str = "file",
+    max_docs: int | None = None,
+    min_chars: int = MIN_CHARS,
+    max_chars: int = MAX_CHARS,
+    licence: str = "unknown",
+) -> dict[str, Any]:
+    """Write the pool to `out` (JSONL) and its stats beside it; returns the stats.
+
+    `source`: None for the interpreter's stdlib, a folder of .py files, or a JSONL with `text`/`content`.
+    `licence` labels a folder or JSONL source whose records do not name their own (the stdlib is PSF-2.0).
+    """
+    t0 = time.perf_counter()
+    stats: dict[str, Any] = {"stage": "pool", "split": split, "min_chars": min_chars, "max_chars": max_chars}
+    chars = 0
+
+    def capped() -> Iterator[dict[str, Any]]:
+        nonlocal chars
+        for i, rec in enumerate(iter_pool(source, split=split, min_chars=min_chars, max_chars=max_chars,
+                                          licence=licence, stats=stats)):
+            if max_docs is not None and i >= max_docs:
+                stats["stopped_at_max_docs"] = max_docs
+                return
+            chars += len(rec["text"])
+            yield rec
+
+    n = write_jsonl_atomic(out, capped())
+    stats.update(n_in=stats["n_files"], n_out=n, chars=chars, seconds=round(time.perf_counter() - t0, 3))
+    write_stats(stats_path(out), stats)
+    log.info("pool: %d documents (%d chars) from %d files in %.1f s", n, chars, stats["n_files"], stats["seconds"])
+    return stats
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default=None,
+                        help="folder of .py files or JSONL with 'text'/'content' (default: this Python's stdlib)")
+    parser.add_argument("--out", required=True, help="output JSONL of pool documents")
+    parser.add_argument("--split", choices=SPLITS, default="file",
+                        help="one document per file, or per top-level function/class")
+    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    parser.add_argument("--min-chars", type=int, default=MIN_CHARS, help="drop shorter documents")
+    parser.add_argument("--max-chars", type=int, default=MAX_CHARS, help="drop longer documents")
+    parser.add_argument("--licence", default="unknown", help="licence of a folder/JSONL source without its own")
+
+
+def run_pool(args: argparse.Namespace) -> int:
+    stats = build_pool(args.source, args.out, split=args.split, max_docs=args.max_docs,
+                       min_chars=args.min_chars, max_chars=args.max_chars, licence=args.licence)
+    print(f"pool: {stats['n_out']} documents from {stats['n_files']} files -> {args.out} "
+          f"(non-UTF-8 {stats['skipped_non_utf8']}, unparsable {stats['skipped_unparsable']}, "
+          f"{stats['seconds']} s)")
+    return 0
