@@ -57,6 +57,9 @@ class TrainConfig:
     warmup_iters: int = field(default=100, metadata={"help": "linear warmup steps"})
     decay_frac: float = field(default=0.2, metadata={"help": "wsd: share of steps spent decaying at the end"})
     max_iters: int = field(default=2000, metadata={"help": "optimizer steps in total (also with --resume)"})
+    decay_iters: int | None = field(
+        default=None, metadata={"help": "step where the lr schedule ends (default: max_iters), as nanoGPT's lr_decay_iters"}
+    )
     max_time: float | None = field(default=None, metadata={"help": "stop training after this many seconds"})
     optimizer: Literal["adamw", "muon"] = field(
         default="adamw", metadata={"help": "adamw, or muon for hidden matrices with adamw for the rest"}
@@ -81,6 +84,9 @@ class TrainConfig:
         default="auto", metadata={"help": "autocast dtype (auto: bf16 on GPUs that have it, else fp32)"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    parallel: Literal["ddp", "fsdp"] = field(
+        default="ddp", metadata={"help": "under torchrun: ddp (replicate the model) or fsdp (shard it, FSDP2)"}
+    )
     seed: int = field(default=1337, metadata={"help": "seed for init, batches and dropout"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/last exactly"})
     init_from: str | None = field(

@@ -23,20 +23,27 @@ class BatchLoader:
         seed: int,
         device: torch.device,
         rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        assert 0 <= rank < world_size, f"rank {rank} outside a world of {world_size} processes"
         if len(tokens) < block_size + 1:
             raise UserError(
                 f"the training split has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
                 "use a bigger corpus or a smaller --block-size"
             )
         self.tokens, self.block_size, self.batch_size, self.device = tokens, block_size, batch_size, device
-        # each data-parallel rank draws its own batches; rank 0 of a 1-process run equals a plain run
-        self.gen = torch.Generator().manual_seed(seed + 1000 * rank)
+        # Data-parallel ranks share one generator: each draws the global batch's offsets (batch_size *
+        # world_size rows) and keeps its own slice, so N processes at batch B see exactly the rows one process
+        # at batch N*B sees, and every rank's sampler state is the same (one state to checkpoint).
+        self.rank, self.world_size = rank, world_size
+        self.gen = torch.Generator().manual_seed(seed)
         self._arange = np.arange(block_size + 1)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), both (B, T) int64; y is x shifted left by one token."""
-        offsets = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.gen)
+        B = self.batch_size
+        offsets = torch.randint(len(self.tokens) - self.block_size, (B * self.world_size,), generator=self.gen)
+        offsets = offsets[self.rank * B : (self.rank + 1) * B]
         rows = self.tokens[offsets.numpy()[:, None] + self._arange]  # (B, T+1) one gather from the memmap
         buf = torch.from_numpy(rows.astype(np.int64))
         if self.device.type == "cuda":

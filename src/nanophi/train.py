@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from nanophi import checkpoint
+from nanophi import checkpoint, distributed
 from nanophi.callbacks import Callback, build_callbacks
 from nanophi.config import DataConfig, RunConfig, TrainConfig, add_dataclass_arguments, load_toml, resolve
 from nanophi.dataloader import BatchLoader, eval_batches
@@ -65,16 +65,28 @@ class Trainer:
         self.raw_model = self.model  # the module whose weights we save, whatever wraps it for speed
         if tc.compile:
             self.model = torch.compile(self.model)
+        self.world_size = distributed.world_size()  # > 1 under torchrun (see nanophi.distributed)
+        if self.world_size > 1:
+            self.rank = distributed.rank()
+            distributed.check_config(tc)
+            torch.manual_seed(tc.seed + self.rank)  # same initial weights on every rank, own dropout masks
+            self.model = distributed.wrap(self.model, tc.parallel, self.device)
         self.optimizer = build_optimizer(self.raw_model, tc, self.device.type)
-        self.loader = BatchLoader(data.train, cfg.model.block_size, tc.batch_size, tc.seed, self.device, rank)
+        self.loader = BatchLoader(data.train, cfg.model.block_size, tc.batch_size, tc.seed, self.device,
+                                  self.rank, self.world_size)
         self.step = 0
         self.best_val = math.inf
         self.evals_since_best = 0
         self.tokens_seen = 0
         self.last_good: Path | None = None
         self.callbacks: list[Callback] = list(callbacks) if callbacks is not None else build_callbacks(self)
+        if self.rank != 0:
+            self.callbacks = []  # rank 0 alone logs, writes metrics and reports
         if tc.checks == "on":
             self._check_data()
+            from nanophi.debug.guards import install_checks
+
+            self.check_hooks = install_checks(self.raw_model)  # shape/dtype/id-range asserts; none when off
 
     # --- one step -------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -89,24 +101,28 @@ class Trainer:
         loss_sum = 0.0
         for micro in range(tc.grad_accum):
             x, y = self.loader.next()
-            with autocast(self.device, self.dtype):
-                _, loss = self.model(x, y)
-            if tc.checks == "on" and not torch.isfinite(loss):
-                self._diverged(x, y, "loss")
-            (loss / tc.grad_accum).backward()
+            # data-parallel: average gradients across ranks once per step, after the last micro-batch
+            with distributed.no_sync(self.model, micro < tc.grad_accum - 1):
+                with autocast(self.device, self.dtype):
+                    _, loss = self.model(x, y)
+                if tc.checks == "on" and not torch.isfinite(loss):
+                    self._diverged(x, y, "loss")
+                (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
         for cb in self.callbacks:
             cb.on_after_backward(self, self.step)
         if tc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tc.grad_clip).item()
+            total_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tc.grad_clip)
+            grad_norm = distributed.to_float(total_norm)  # (a DTensor under FSDP)
         else:
             grad_norm = _grad_norm(self.raw_model)
         if tc.checks == "on" and not math.isfinite(grad_norm):
             self._diverged(x, y, "gradient")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.tokens_seen += tc.batch_size * tc.grad_accum * self.cfg.model.block_size
-        record = {"kind": "train", "step": self.step, "loss": loss_sum / tc.grad_accum,
+        self.tokens_seen += tc.batch_size * tc.grad_accum * self.cfg.model.block_size * self.world_size
+        record = {"kind": "train", "step": self.step,
+                  "loss": distributed.all_reduce_mean(loss_sum / tc.grad_accum, self.device),  # global batch's
                   "lr": tc.lr * mult, "grad_norm": grad_norm}
         self.step += 1
         return record
@@ -116,39 +132,72 @@ class Trainer:
     def evaluate(self, split: str = "val") -> dict[str, float]:
         tokens = self.data.val if split == "val" else self.data.train
         n_bytes = self.data.val_bytes if split == "val" else self.data.meta.get("train_bytes")
-        return evaluate_tokens(self.model, tokens, n_bytes, self.cfg.model.block_size,
-                               self.cfg.train.eval_batch_size, self.device, self.dtype, self.cfg.train.eval_iters)
+        args = (tokens, n_bytes, self.cfg.model.block_size, self.cfg.train.eval_batch_size, self.device, self.dtype,
+                self.cfg.train.eval_iters)
+        if self.world_size == 1:
+            return evaluate_tokens(self.model, *args)
+        if distributed.is_sharded(self.raw_model):  # FSDP: every rank runs the forward (it all-gathers)
+            metrics = evaluate_tokens(self.model, *args)
+            distributed.reshard(self.raw_model)  # a forward without backward leaves the root unsharded
+            return metrics
+        # DDP: rank 0 evaluates the unwrapped module alone and shares the result, so all ranks stop alike
+        metrics = evaluate_tokens(distributed.unwrap(self.model), *args) if self.rank == 0 else None
+        return distributed.broadcast_object(metrics)
 
     # --- state -----------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
-        """Optimizer and RNG states: tensors and plain containers only, loadable with weights_only=True."""
-        state = {"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-                 "torch_rng": torch.get_rng_state()}
+        """Optimizer and RNG states: tensors and plain containers only, loadable with weights_only=True.
+        Under torchrun every rank must call it (it gathers per-rank RNG states); rank 0's copy is complete.
+        The loader's state is the same on every rank (they share one sampler), so rank 0's stands for all."""
+        sharded = distributed.is_sharded(self.raw_model)
+        optimizer = (distributed.full_optimizer_state(self.raw_model, self.optimizer) if sharded
+                     else self.optimizer.state_dict())
+        state = {"optimizer": optimizer, "loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.world_size > 1:
+            state["world_size"] = self.world_size
+            state["rank_torch_rng"] = distributed.gather_object(torch.get_rng_state())
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise UserError(f"--resume: the checkpoint was written by {saved_world} process(es) and this run has "
+                            f"{self.world_size}; resume with the same torchrun --nproc_per_node/--nnodes")
+        if distributed.is_sharded(self.raw_model):
+            distributed.load_full_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         for g in self.optimizer.param_groups:  # base_lr is not a tensor: restore it from the config
             g.setdefault("base_lr", self.cfg.train.lr)
         self.loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["rank_torch_rng"][self.rank] if "rank_torch_rng" in state else state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-    def save(self, links: tuple[str, ...] = ("last",)) -> Path:
+    def save(self, links: tuple[str, ...] = ("last",)) -> Path | None:
+        """Checkpoint the run. Under torchrun every rank calls this (gathering states is collective); rank 0
+        writes and the others return None."""
+        trainer = self.trainer_state()
+        sharded = distributed.is_sharded(self.raw_model)
+        model = distributed.FullStateDict(self.raw_model) if sharded else self.raw_model
+        if self.rank != 0:
+            return None
         state = {"best_val": self.best_val if math.isfinite(self.best_val) else None,
                  "evals_since_best": self.evals_since_best, "tokens_seen": self.tokens_seen,
                  "data_sha256": self.data.meta.get("sha256"), "data_dir": str(self.data.dir)}
-        path = checkpoint.save(self.run_dir, self.step, self.raw_model, self.cfg.to_dict(), state,
-                               self.trainer_state(), self.data.dir / "tokenizer", links)
+        path = checkpoint.save(self.run_dir, self.step, model, self.cfg.to_dict(), state,
+                               trainer, self.data.dir / "tokenizer", links)
         self.last_good = path
         return path
 
     def resume(self) -> None:
         ckpt = checkpoint.load(self.run_dir / "last")
-        checkpoint.load_weights_into(self.raw_model, ckpt.weights, ckpt.path)
+        if distributed.is_sharded(self.raw_model):
+            distributed.load_full_model_state(self.raw_model, ckpt.weights)
+        else:
+            checkpoint.load_weights_into(self.raw_model, ckpt.weights, ckpt.path)
         self.load_trainer_state(ckpt.trainer)
         self.step = ckpt.state["step"]
         self.best_val = ckpt.state.get("best_val") or math.inf
@@ -164,6 +213,7 @@ class Trainer:
             log.warning(f"warning: {warning}")
         for cb in self.callbacks:
             cb.on_train_start(self)
+        self.mfu(1.0)  # measure the device's peak now (a ~0.5 s probe on CPUs), not on the training clock
         t_start = time.perf_counter()
         t_window, window_steps = time.perf_counter(), 0
         stop_reason = "max_iters"
@@ -179,7 +229,7 @@ class Trainer:
             if record["step"] % tc.log_interval == 0 or debug_step or self.step == tc.max_iters:
                 elapsed = time.perf_counter() - t_window
                 ms = 1000 * elapsed / window_steps
-                tokens_per_iter = tc.batch_size * tc.grad_accum * self.cfg.model.block_size
+                tokens_per_iter = tc.batch_size * tc.grad_accum * self.cfg.model.block_size * self.world_size
                 record |= {"ms_per_iter": ms, "tokens_per_s": tokens_per_iter * window_steps / elapsed,
                            "max_rss_mb": _max_rss_mb(), "elapsed_s": time.perf_counter() - t_start}
                 record["mfu"] = self.mfu(record["tokens_per_s"])
@@ -190,15 +240,18 @@ class Trainer:
                 t_window, window_steps = time.perf_counter(), 0
             done = self.step == tc.max_iters
             out_of_time = tc.max_time is not None and time.perf_counter() - t_start >= tc.max_time
+            if tc.max_time is not None and self.world_size > 1:
+                out_of_time = distributed.broadcast_object(out_of_time)  # rank 0's clock decides for all ranks
             if self.step % tc.eval_interval == 0 or done or out_of_time:
                 if self._eval_and_checkpoint():
                     stop_reason = "early_stop"
                     break
                 t_window, window_steps = time.perf_counter(), 0  # eval time is not training throughput
-            if tc.sample_interval and self.step % tc.sample_interval == 0:
+            if tc.sample_interval and self.step % tc.sample_interval == 0 and self.world_size == 1:
                 text = self.sample_text()
                 for cb in self.callbacks:
                     cb.on_sample(self, self.step, text)
+                t_window, window_steps = time.perf_counter(), 0  # nor is sampling
             if out_of_time:
                 stop_reason = "max_time"
                 break
@@ -220,8 +273,7 @@ class Trainer:
         record = {"kind": "eval", "step": self.step, **metrics, "is_best": is_best}
         for cb in self.callbacks:
             cb.on_eval(self, record)
-        if self.rank == 0:
-            self.save(("last", "best") if is_best else ("last",))
+        self.save(("last", "best") if is_best else ("last",))  # every rank: see save()
         patience = self.cfg.train.early_stop
         if patience is not None and self.evals_since_best >= patience:
             log.info(f"early stop: no better val loss in {patience} evals (best {self.best_val:.4f})")
@@ -241,7 +293,7 @@ class Trainer:
             peak = self._peak
         if not peak:
             return None
-        return self.raw_model.flops_per_token() * tokens_per_s / peak
+        return self.raw_model.flops_per_token() * tokens_per_s / (peak * self.world_size)  # per device
 
     def sample_text(self, max_new_tokens: int = 120) -> str:
         """A short sample for the log, drawn with its own generator so training's RNG streams are untouched."""
@@ -343,7 +395,13 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] | None = None) -> dict[s
             from nanophi.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(saved.path / "tokenizer")
+    env = distributed.init(pick_device(tc.device).type)  # a no-op unless launched by torchrun
+    if env.rank != 0:
+        logging.getLogger("nanophi").setLevel(logging.ERROR)  # rank 0 alone reports (warnings too)
+        distributed.barrier()  # rank 0 tokenizes first; the others then find the result in the cache
     data = prepare_data(cfg, tokenizer)
+    if env.rank == 0:
+        distributed.barrier()
     if tc.resume and saved.state.get("data_sha256") not in (None, data.meta.get("sha256")):
         raise UserError(f"--resume: the corpus differs from the one {run_dir} was trained on "
                         f"({saved.config['data'].get('data')}); pass the same --data")
@@ -353,7 +411,8 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] | None = None) -> dict[s
     trainer = Trainer(cfg, data, callbacks, model=model)
     if tc.resume:
         trainer.resume()
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    if env.rank == 0:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     log.info(f"model: {trainer.raw_model.num_params() / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}, "
              f"{len(data.train):,} train / {len(data.val):,} val tokens, device {trainer.device}, "
              f"{str(trainer.dtype).removeprefix('torch.')}")
@@ -397,5 +456,7 @@ def _check_compatible(saved: dict[str, Any], new: dict[str, Any], where: Path) -
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = train(cfg)
-    print(json.dumps({k: summary[k] for k in ("run_dir", "step", "best_val_loss", "stop_reason")}))
+    if distributed.rank() == 0:
+        print(json.dumps({k: summary[k] for k in ("run_dir", "step", "best_val_loss", "stop_reason")}))
+    distributed.shutdown()
     return 0
