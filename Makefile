@@ -9,6 +9,8 @@ EXTRAS ?= all
 RUN    ?= runs/demo
 DEMO_ARGS ?= --max-iters 2000 --eval-interval 250 --sample-interval 1000
 PYTEST_ARGS ?=
+BOOK ?= ../shared/data/pride_and_prejudice.txt
+ARTIFACTS_ARGS ?=
 
 .PHONY: install demo run-demo test test-all slides artifacts clean
 
@@ -41,6 +43,14 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+## make slides: docs/slides/*.md -> self-contained offline HTML in docs/slides/build/
+slides: install
+	$(PY) scripts/build_slides.py
+
+## make artifacts: train the showcase e-book model on $(BOOK) into artifacts/ (see artifacts/INDEX.md)
+artifacts: install
+	$(PY) scripts/artifacts.py $(BOOK) $(ARTIFACTS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache
