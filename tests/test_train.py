@@ -219,3 +219,14 @@ def test_demo_target_runs_at_tiny_settings(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sample" in r.stdout.lower() and len(r.stdout) > 200
+
+
+def test_checkpoint_weights_are_as_readable_as_the_rest(tmp_path: Path) -> None:
+    """safetensors writes 0600 by itself; a checkpoint's weights must follow the umask like its JSON files."""
+    from nanophi import checkpoint
+    from nanophi.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11))
+    path = checkpoint.save(tmp_path / "run", 1, model, {}, {}, {}, None, ("last",))
+    weights, config = path / checkpoint.WEIGHTS, path / checkpoint.STATE
+    assert weights.stat().st_mode & 0o777 == config.stat().st_mode & 0o777

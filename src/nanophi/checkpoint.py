@@ -39,6 +39,15 @@ TOKENIZER = "tokenizer"
 LINKS = ("last", "best")
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """safetensors' save_file creates the file with mode 0600; give it the permissions any file written here
+    gets (0666 minus the umask), so shared checkpoints and exports are readable by the group like their JSON."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @dataclass
 class Checkpoint:
     """What `load` returns: everything but the model object, which the caller builds from `config`."""
@@ -78,7 +87,7 @@ def save(
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=run_dir))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is as readable as the run directory
     try:
-        save_file(model_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(model_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
         _write_json(tmp / CONFIG, config)
         _write_json(tmp / STATE, state | {"step": step})
         if trainer is not None:

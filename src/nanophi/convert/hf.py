@@ -251,15 +251,15 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 def export_hf(model: GPT, tokenizer: Any, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write DIR/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json}
     that `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load."""
-    from safetensors.torch import save_file
+    from nanophi.checkpoint import save_safetensors
 
     out = Path(out)
     config = hf_config(model.config, tokenizer)  # raises first if the model has no HF equivalent
     tokenizer_files = hf_tokenizer_files(tokenizer, model.config.block_size)
     out.mkdir(parents=True, exist_ok=True)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    save_file({k: v.to(dtype) for k, v in hf_state_dict(model).items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors({k: v.to(dtype) for k, v in hf_state_dict(model).items()}, out / "model.safetensors",
+                     metadata={"format": "pt"})
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {k: config[k] for k in ("bos_token_id", "eos_token_id")
                                                  if config.get(k) is not None})
