@@ -10,5 +10,12 @@ beside its output and can be rerun:
     decontaminate.py  13-gram overlap and renaming-robust AST similarity against HumanEval
     card.py           dataset card, and packing into token memmaps for `nanophi train`
 
-`records.py` holds the shared record I/O. Generation by a teacher model lives in its own modules.
+Stages that need a teacher model, which append per batch and resume:
+
+    teacher.py        the teacher client: a local model on nanophi's Engine, or any OpenAI-compatible endpoint
+    generate.py       synthetic textbooks and exercises, diversity from a topic tree and constrained names
+    verify.py         run exercises against their tests in the sandbox; parse-check textbook code
+
+`records.py` holds the shared record I/O, `templates/` the versioned prompts, `pipeline.py` the
+`run --preset` driver over all stages, and `cli.py` the `nanophi textbook <stage>` subcommands.
 """

