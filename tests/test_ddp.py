@@ -1,5 +1,5 @@
 """Data parallelism on CPU (gloo): 2 processes under torchrun train exactly like 1 process with the same global
-batch, resume exactly, and FSDP2 matches too. Each test launches the real CLI (`python -m nanophi.cli`)."""
+batch, resume exactly, and FSDP2 matches too. Each test launches the real CLI (`python -m nanophi`)."""
 
 from __future__ import annotations
 
@@ -37,13 +37,13 @@ def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def common_args(corpus: Path, out: Path, **overrides: object) -> list[str]:
     args = {"data": corpus, "n-layer": 2, "n-head": 2, "n-embd": 32, "block-size": 32, "grad-accum": 2,
             "max-iters": 4, "decay-iters": 4, "warmup-iters": 1, "eval-interval": 2, "eval-iters": 2,
-            "log-interval": 1, "dashboard": "off", "out": out} | overrides
+            "log-interval": 1, "dashboard": "off", "dtype": "float32", "out": out} | overrides  # fp32: 1e-5 parity
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
 def torchrun(args: list[str], nproc: int = 2) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "nanophi.cli", "train", *args]
+           "-m", "nanophi", "train", *args]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -13,7 +13,8 @@ from nanophi.cli import main
 from nanophi.config import TrainConfig
 from nanophi.mfu import peak_flops, table_peak
 from nanophi.model import GPT, GPTConfig
-from nanophi.muon import NS_COEFFS, NS_STEPS, MuonAdamW, build_muon, muon_param_groups, orthogonalize
+from nanophi.muon import (NS_COEFFS, NS_STEPS, MuonAdamW, _gram_newton_schulz, build_muon, muon_param_groups,
+                          orthogonalize)
 
 
 def tiny_model(**kw: object) -> GPT:
@@ -48,11 +49,11 @@ def test_gram_form_equals_the_direct_iteration() -> None:
     g = _randn(2, 40, 128)
     a, b, c = NS_COEFFS
     x = g / g.norm(dim=(-2, -1), keepdim=True)
+    gram = _gram_newton_schulz(x, NS_STEPS)
     for _ in range(NS_STEPS):
         A = x @ x.mT
         x = a * x + (b * A + c * A @ A) @ x
-    assert torch.allclose(orthogonalize(g), x, atol=1e-5)
-    assert torch.allclose(orthogonalize(g.mT), x.mT, atol=1e-5)
+    assert torch.allclose(gram, x, atol=1e-5)
 
 
 def test_muon_takes_hidden_matrices_only() -> None:
@@ -189,3 +190,28 @@ def test_bench_train_prints_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_bench_without_a_target_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench"]) == 2
     assert "nanophi bench train|prepare|generate" in capsys.readouterr().err
+
+
+# --- CPU precision -----------------------------------------------------------------------------------------------
+def test_auto_dtype_on_cpu_is_bf16_exactly_when_amx_is_there() -> None:
+    from nanophi.device import cpu_has_amx_bf16, pick_dtype
+
+    expected = torch.bfloat16 if cpu_has_amx_bf16() else torch.float32
+    assert pick_dtype("auto", torch.device("cpu")) == expected
+    assert pick_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_cpu_autocast_runs_differentiated_attention_in_fp32() -> None:
+    from nanophi.device import autocast
+
+    q, k, v = (torch.randn(2, 2, 8, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True)
+        with torch.no_grad():  # no backward follows: left to bf16 flash attention
+            y_nograd = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True)
+    assert y.dtype == torch.bfloat16 and y_nograd.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert qb.grad is not None and qb.grad.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), ref, atol=2e-2) and torch.allclose(y_nograd.float(), ref, atol=2e-2)

@@ -71,7 +71,7 @@ def bench_train(cfg: RunConfig, iters: int = DEFAULT_ITERS, warmup: int = DEFAUL
         "tokens_per_s": round(tokens_per_s, 1),
         "ms_per_iter": round(1000 * total / iters, 3),
         "ms_per_iter_p50": round(1000 * statistics.median(times), 3),
-        "mfu": round(flops_per_token * tokens_per_s / peak, 4),
+        "mfu": float(f"{flops_per_token * tokens_per_s / peak:.4g}"),  # 4 significant digits: tiny models too
         "peak_flops": peak,
         "peak_source": peak_source,
         "flops_per_token": flops_per_token,

@@ -81,7 +81,7 @@ class TrainConfig:
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = field(default="auto", metadata={"help": "where to train"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "autocast dtype (auto: bf16 on GPUs that have it, else fp32)"}
+        default="auto", metadata={"help": "autocast dtype (auto: bf16 on GPUs that have it and on CPUs with AMX, else fp32)"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     parallel: Literal["ddp", "fsdp"] = field(

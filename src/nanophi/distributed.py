@@ -1,9 +1,9 @@
 """Data-parallel training across processes: DDP by default, FSDP2 (`--parallel fsdp`) for models too big for one
 device. The model code knows nothing of this; the trainer calls these helpers.
 
-    torchrun --nproc_per_node 2 -m nanophi.cli train --data book.txt            # one machine, 2 processes
+    torchrun --nproc_per_node 2 -m nanophi train --data book.txt            # one machine, 2 processes
     torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 \\
-             --nproc_per_node 8 -m nanophi.cli train ...                        # two machines
+             --nproc_per_node 8 -m nanophi train ...                        # two machines
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init` reads them (env://) and picks
 NCCL on GPUs, gloo on CPUs. Without them (a plain `nanophi train`) everything here is a no-op for one process.

@@ -34,9 +34,10 @@ ADAM_EPS = 1e-8
 def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     """Approximate U V^T for G = U S V^T with the quintic Newton-Schulz iteration; G is (..., m, n).
 
-    bf16 on GPUs (it is stable there and tensor cores make it cheap); fp32 elsewhere, because CPUs without
-    AVX512-BF16 run bf16 matmuls dozens of times slower than fp32. In fp32, clearly rectangular matrices take the
-    Gram form of the same iteration (`_gram_newton_schulz`), 2-3x cheaper for the MLP and QKV matrices."""
+    bf16 on GPUs (it is stable there and tensor cores make it cheap); fp32 on CPUs: without AVX512-BF16 they run
+    bf16 matmuls dozens of times slower than fp32, and with AMX the bf16 direct form measured no faster than the
+    fp32 Gram form at these sizes (docs/experiments.md). In fp32, clearly rectangular matrices take the Gram form
+    of the same iteration (`_gram_newton_schulz`), 2-3x cheaper for the MLP and QKV matrices."""
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32).reshape(-1, *g.shape[-2:])  # (batch, m, n)
     tall = g.size(-2) > g.size(-1)
     if tall:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix

@@ -214,6 +214,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(self)
         self.mfu(1.0)  # measure the device's peak now (a ~0.5 s probe on CPUs), not on the training clock
+        log.info(f"mfu: against a peak of {self._peak / 1e12:.3g} TFLOP/s per device ({self._peak_source})")
         t_start = time.perf_counter()
         t_window, window_steps = time.perf_counter(), 0
         stop_reason = "max_iters"
@@ -280,20 +281,14 @@ class Trainer:
             return True
         return False
 
-    def mfu(self, tokens_per_s: float) -> float | None:
-        """Model FLOPs utilisation against the device's peak (see nanophi.mfu); None when unknown."""
-        peak = getattr(self, "_peak", "unset")
-        if peak == "unset":
-            try:
-                from nanophi.mfu import peak_flops
-            except ImportError:
-                self._peak = None
-            else:
-                self._peak = peak_flops(self.device, self.dtype)[0]
-            peak = self._peak
-        if not peak:
-            return None
-        return self.raw_model.flops_per_token() * tokens_per_s / (peak * self.world_size)  # per device
+    def mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation against one device's peak (see nanophi.mfu; table for known GPUs, else a
+        measured matmul probe at the run's dtype); `tokens_per_s` is the whole job's, over all ranks."""
+        if not hasattr(self, "_peak"):
+            from nanophi.mfu import peak_flops
+
+            self._peak, self._peak_source = peak_flops(self.device, self.dtype)
+        return self.raw_model.flops_per_token() * tokens_per_s / (self._peak * self.world_size)  # per device
 
     def sample_text(self, max_new_tokens: int = 120) -> str:
         """A short sample for the log, drawn with its own generator so training's RNG streams are untouched."""
