@@ -35,7 +35,14 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "card": ("nanophi.textbook.card", "write a dataset card (counts, tokens, yields, provenance, licences)", "card"),
     "pack": ("nanophi.textbook.card", "tokenize records into train/val memmaps for `nanophi train`", "pack"),
     "run": ("nanophi.textbook.pipeline", "run every stage: --preset tiny|small|full --out DIR", "run"),
+    # the case study: a module with a plain add_arguments/run pair (stem "")
+    "experiment": ("nanophi.textbook.experiment", "train students on the pipeline's arms and compare with phi-1", ""),
 }
+
+
+def _names(stem: str) -> tuple[str, str]:
+    """(argument adder, runner) of a stage module."""
+    return ("add_arguments", "run") if not stem else (f"add_{stem}_arguments", f"run_{stem}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,12 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(stage, help=help_line, description=help_line)
         # The stage modules are light at import time (their heavy imports sit inside functions).
         module = importlib.import_module(module_name)
-        getattr(module, f"add_{stem}_arguments")(p)
+        adder, runner = _names(stem)
+        getattr(module, adder)(p)
         if stage == "annotate":  # the judge needs a teacher; the module itself takes one as an argument
             from nanophi.textbook.teacher import add_teacher_arguments
 
             add_teacher_arguments(p)
-        p.set_defaults(_stage_run=(module_name, f"run_{stem}"))
+        p.set_defaults(_stage_run=(module_name, runner))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,295 @@
+"""The case study experiment: exercise parsing, the masked fine-tune, statistics, and the whole run end to end on
+constructed records (the `test` preset: micro students, a few HumanEval problems)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanophi.textbook.experiment import ARMS, PRESETS, run_experiment, teacher_experiment
+from nanophi.textbook.experiment_data import (Exercise, load_data, parse_exercise, textbook_mix, verify_exercises)
+from nanophi.textbook.experiment_finetune import IGNORE, encode_examples, finetune_masked, make_batch
+from nanophi.textbook.experiment_report import aggregate, direction, mean_ci, wilson
+from nanophi.textbook.records import make_record, write_jsonl_atomic
+
+EXERCISE = '''Here is the exercise.
+
+```python
+import math
+
+
+def count_scores(scores, limit):
+    """Count the scores at or above `limit`.
+
+    Args: scores, a list of numbers; limit, a number. Returns an int."""
+    total = 0
+    for s in scores:
+        if s >= limit:
+            total += 1
+    return total
+
+
+assert count_scores([1, 5, 7], 5) == 2
+assert count_scores([], 3) == 0
+assert count_scores([9], 10) == 0
+print("done")
+```
+'''
+
+OPS = [("add", "+"), ("sub", "-"), ("mul", "*"), ("max", "max"), ("min", "min")]
+NOUNS = ["prices", "scores", "weights", "votes", "steps", "grades", "orders", "digits", "names", "codes", "dates",
+         "pairs"]
+
+
+def _function(i: int, rng: random.Random) -> str:
+    name, op = OPS[i % len(OPS)]
+    noun = NOUNS[i % len(NOUNS)]
+    body = f"a {op} b" if op in "+-*" else f"{op}(a, b)"
+    return (f"def {name}_{noun}_{i}(items, start={rng.randint(0, 9)}):\n"
+            f'    """Fold the {noun} with {name}, beginning at start."""\n'
+            f"    result = start\n    for b in items:\n        a = result\n        result = {body}\n    return result\n")
+
+
+def _exercise(i: int) -> str:
+    noun = NOUNS[i % len(NOUNS)]
+    k = i + 2
+    return (f"```python\ndef scale_{noun}(values):\n"
+            f'    """Multiply every one of the {noun} by {k} and return the new list."""\n'
+            f"    return [v * {k} for v in values]\n\n\n"
+            f"assert scale_{noun}([1, 2]) == [{k}, {2 * k}]\nassert scale_{noun}([]) == []\n```\n")
+
+
+def make_data_dir(root: Path, n_pool: int = 80, n_exercises: int = 12) -> Path:
+    """A pipeline-shaped data directory of constructed records: small, valid, and unlike HumanEval."""
+    rng = random.Random(0)
+    pool = [make_record(_function(i, rng), {"stage": "pool", "source": "test"}) for i in range(n_pool)]
+    textbooks = [make_record(f"## Folding {n}\n\nA fold walks over the {n} and keeps a running result.\n\n"
+                             f"```python\n{_function(i, rng)}```\n", {"stage": "generate", "kind": "textbook"})
+                 for i, n in enumerate(NOUNS[:4])]
+    exercises = [make_record(_exercise(i), {"stage": "generate", "kind": "exercises",
+                                            "function_name": f"scale_{NOUNS[i % len(NOUNS)]}"})
+                 for i in range(n_exercises)]
+    write_jsonl_atomic(root / "pool.jsonl", pool)
+    write_jsonl_atomic(root / "filtered.jsonl", pool[::2])
+    # the filter's score for every pool document: the experiment's B keeps the top share of these
+    write_jsonl_atomic(root / "filtered.scores.jsonl", ({"id": r["id"], "p": round(rng.random(), 3)} for r in pool))
+    write_jsonl_atomic(root / "textbooks.jsonl", textbooks)
+    write_jsonl_atomic(root / "verified.jsonl", exercises)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+def test_parse_exercise_splits_prompt_solution_and_asserts() -> None:
+    ex = parse_exercise({"id": "x", "text": EXERCISE, "provenance": {"function_name": "count_scores"}})
+    assert ex is not None and ex.name == "count_scores"
+    assert ex.prompt.startswith("import math\n") and ex.prompt.rstrip().endswith('Returns an int."""')
+    assert ex.solution.startswith("    total = 0") and "return total" in ex.solution
+    assert ex.tests.count("assert") == 3 and "print" not in ex.tests
+    # the pieces put back together are a program that passes its own tests, in the sandbox
+    assert verify_exercises([ex]) == [True]
+    broken = Exercise(ex.id, ex.name, ex.prompt, "    return -1\n", ex.tests)
+    assert verify_exercises([broken]) == [False]
+
+
+def test_parse_exercise_rejects_what_cannot_be_an_exercise() -> None:
+    assert parse_exercise({"id": "a", "text": "def f(x):\n    return x\nassert f(1) == 1\n"}) is None  # no docstring
+    assert parse_exercise({"id": "b", "text": 'def f(x):\n    """Id."""\n    return x\n'}) is None  # no asserts
+    assert parse_exercise({"id": "c", "text": "```python\ndef f(:\n```"}) is None  # does not parse
+
+
+def test_doctest_exercises_from_a_module(tmp_path: Path) -> None:
+    from nanophi.textbook.experiment_exercises import verified_doctest_exercises
+
+    (tmp_path / "mod.py").write_text(
+        "import math\n\n\n"
+        "def hyp(a, b):\n    \"\"\"Hypotenuse.\n\n    >>> hyp(3, 4)\n    5.0\n    \"\"\"\n    return math.hypot(a, b)\n\n\n"
+        "def wrong(a):\n    \"\"\"Double.\n\n    >>> wrong(2)\n    4\n    \"\"\"\n    return a * 3\n\n\n"
+        "def skipped(a):\n    \"\"\"Nothing checked.\n\n    >>> skipped(1)  # doctest: +SKIP\n    9\n    \"\"\"\n"
+        "    return a\n")
+    kept, counts = verified_doctest_exercises(tmp_path)
+    assert counts == {"candidates": 3, "verified": 1}  # a wrong example fails; all-skipped examples test nothing
+    [ex] = kept
+    assert ex.name == "hyp" and ex.source == "stdlib-doctest" and ex.prompt.startswith("import math\n")
+    assert ex.solution.strip() == "return math.hypot(a, b)"
+    assert verify_exercises([Exercise(ex.id, ex.name, ex.prompt, "    return a + b\n", ex.tests)]) == [False]
+
+
+def test_masked_batch_scores_only_the_solution() -> None:
+    class Tok:
+        eot_id = 99
+
+        def encode(self, text: str) -> list[int]:
+            return [ord(c) % 90 for c in text]
+
+    ex = Exercise("i", "f", "abc", "de", "assert True\n")
+    [(ids, n_prompt)] = encode_examples(Tok(), [ex], block_size=16)
+    assert n_prompt == 3 and ids[-1] == 99 and len(ids) == 6
+    x, y = make_batch([(ids, n_prompt), ([1, 2, 3], 1)], torch.device("cpu"))
+    assert x.shape == y.shape == (2, 5)
+    # targets: prompt tokens after the first are ignored; the solution tokens and the end token are scored
+    assert y[0].tolist() == [IGNORE, IGNORE, ids[3], ids[4], ids[5]]
+    assert y[1].tolist() == [2, 3, IGNORE, IGNORE, IGNORE]
+    # a solution longer than the block keeps its start and one prompt token
+    [(ids, n_prompt)] = encode_examples(Tok(), [Exercise("j", "f", "abc", "x" * 40, "")], block_size=8)
+    assert len(ids) == 9 and n_prompt == 1
+
+
+def test_finetune_masked_lowers_the_solution_loss() -> None:
+    from nanophi.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=40))
+    examples = [([1, 2, 3, 4, 5, 6, 7, 8], 3), ([1, 2, 9, 10, 11, 12], 2)]
+    stats = finetune_masked(model, examples, steps=40, batch_size=2, lr=1e-2, seed=0)
+    assert stats["tokens"] == 40 * 2 * 7 and stats["scored_tokens"] == 40 * (5 + 4)  # 8-token example: 7 targets, 2 prompt
+    assert stats["last_loss"] < stats["first_loss"] / 2
+
+
+def test_check_all_parses_runs_and_passes() -> None:
+    from nanophi.humaneval import load_problems
+    from nanophi.textbook.experiment_eval import check_all, summarise_checks
+
+    p = load_problems()[0]
+    rows = check_all([p] * 4, [p["canonical_solution"], "    return False\n", "", "    return (\n"])
+    assert [(r["passed"], r["parses"], r["runs"]) for r in rows] == [
+        (True, True, True),  # right
+        (False, True, True),  # runs, fails an assert
+        (False, False, False),  # empty: the prompt alone parses, but nothing was written
+        (False, False, False),  # a syntax error never reaches the sandbox
+    ]
+    assert summarise_checks(rows) == {"n": 4, "passed": 1, "pass@1": 0.25, "parse_rate": 0.5, "run_rate": 0.5}
+
+
+def test_textbook_mix_upsamples_to_the_share() -> None:
+    code = [{"id": f"c{i}", "text": "x" * 100} for i in range(10)]
+    books = [{"id": "t", "text": "y" * 50}]
+    mixed, repeats = textbook_mix(code, books, share=0.2, max_repeats=8, seed=0)
+    assert repeats == 5 and len(mixed) == 15 and len({r["id"] for r in mixed}) == 15  # 250 of 1250 chars
+    assert textbook_mix(code, books, share=0.9, max_repeats=3, seed=0)[1] == 3
+
+
+def test_statistics() -> None:
+    m, ci = mean_ci([1.0, 3.0])
+    assert m == 2.0 and ci is not None and ci[0] == pytest.approx(2 - 12.7062, abs=1e-3)
+    assert mean_ci([0.5])[1] is None
+    lo, hi = wilson(0, 164)
+    assert lo == 0.0 and 0.02 < hi < 0.03
+    arm = aggregate([{"humaneval_pass@1": 0.0, "heldout_pass@1": 0.5, "code_bpb": 2.0, "humaneval_bpb": 3.0,
+                      "parse_rate": 1.0, "run_rate": 0.5}] * 2)
+    assert arm["mean"]["code_bpb"] == 2.0 and arm["ci95"]["code_bpb"] == [2.0, 2.0]
+    rows = {"better": {"seeds": [{"humaneval_bpb": 2.0}, {"humaneval_bpb": 2.1}, {"humaneval_bpb": 2.05}]},
+            "worse": {"seeds": [{"humaneval_bpb": 2.5}, {"humaneval_bpb": 2.6}, {"humaneval_bpb": 2.5}]}}
+    assert direction({"arms": rows}, "better", "worse", "humaneval_bpb")["verdict"] == "held"
+    assert direction({"arms": rows}, "worse", "better", "humaneval_bpb")["verdict"] == "reversed"
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("experiment")
+    data_dir = make_data_dir(root / "data")
+    results = run_experiment("test", root / "out", data_dir=data_dir, teacher=None)
+    return root / "out", data_dir, results
+
+
+def test_experiment_end_to_end(experiment: tuple[Path, Path, dict]) -> None:
+    out, _, results = experiment
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["arms"].keys() == set(ARMS) and on_disk == json.loads(json.dumps(results))
+    preset = PRESETS["test"]
+    for name, arm in on_disk["arms"].items():
+        assert len(arm["seeds"]) == preset.seeds
+        for metric in ("humaneval_pass@1", "heldout_pass@1", "code_bpb"):
+            assert metric in arm["mean"] and metric in arm["ci95"]
+        for row in arm["seeds"]:
+            assert row["humaneval_n"] == preset.humaneval_limit
+            assert 0 <= row["humaneval_passed"] <= row["humaneval_n"]
+            assert row["humaneval_pass@1"] == row["humaneval_passed"] / row["humaneval_n"]
+            assert row["heldout_n"] == on_disk["data"]["n_heldout_exercises"] >= 1
+            assert 0.0 <= row["run_rate"] <= row["parse_rate"] <= 1.0
+            # an untrained model of vocab V scores about log2(V) bits per token; trained ones do far better
+            assert 0.1 < row["code_bpb"] < 20 and math.isfinite(row["humaneval_bpb"])
+            # equal budgets: every arm pretrains on the same tokens; the D arms add the same fine-tune
+            assert row["pretrain_tokens"] == preset.pretrain_tokens()
+            assert row["finetune_tokens"] == (on_disk["budget"]["finetune_tokens"] if "->" in name else 0)
+        samples = (out / "runs").rglob("humaneval_samples.jsonl")
+        assert sum(1 for _ in samples) == preset.seeds * len(ARMS)
+    assert on_disk["budget"]["finetune_tokens"] > 0
+    assert on_disk["data"]["filter_keep"] == preset.filter_keep and on_disk["data"]["n_filtered"] < on_disk["data"]["n_pool"]
+    assert on_disk["teacher_finetune"] == {"skipped": "no teacher given"}
+    # the data were split before training: held-out code and exercises never reach an arm's corpus
+    data = load_data(experiment[1], seed=0, heldout_code_fraction=preset.heldout_code_fraction,
+                     heldout_exercise_fraction=preset.heldout_exercise_fraction, tau=preset.tau)
+    corpus_a = [json.loads(line)["text"] for line in (out / "arms" / "A" / "corpus.jsonl").read_text().splitlines()]
+    assert len(corpus_a) == on_disk["data"]["n_pool"] and data.heldout_code
+    assert not set(data.heldout_code) & set(corpus_a)
+    assert not {e.id for e in data.heldout_exercises} & {e.id for e in data.train_exercises}
+    report = (out / "report.md").read_text()
+    for heading in ("## Results by arm", "## Beside the paper", "## Which of the paper's directions held here",
+                    "## Decontamination: our τ sweep", "## Limitations"):
+        assert heading in report
+    assert "50.6" in report and "12.19" in report and "20.12" in report
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and "data:image/png;base64," in html
+    # a rerun finds every model measured and only rebuilds the summary
+    again = run_experiment("test", out, data_dir=experiment[1], teacher=None)
+    assert again["arms"] == results["arms"]
+
+
+def test_teacher_experiment_on_a_student(experiment: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    """Jina's experiment, with a trained student standing in for the 135M teacher (same code path)."""
+    out, data_dir, _ = experiment
+    preset = PRESETS["test"]
+    data = load_data(data_dir, seed=0, heldout_code_fraction=preset.heldout_code_fraction,
+                     heldout_exercise_fraction=preset.heldout_exercise_fraction, tau=preset.tau)
+    result = teacher_experiment(str(out / "runs" / "A" / "seed0"), data, preset, tmp_path)
+    for when in ("before", "after"):
+        assert result[when]["humaneval"]["n"] == preset.teacher_limit
+        assert result[when]["heldout"]["n"] == len(data.heldout_exercises)
+    assert result["finetune"]["steps"] == preset.teacher_ft_steps and result["finetune"]["scored_tokens"] > 0
+    assert (tmp_path / "after_humaneval.jsonl").read_text().count("\n") == preset.teacher_limit
+
+
+class ScriptedTeacher:
+    """Answers every exercise prompt with a correct exercise for the function it asks for, and every textbook
+    prompt with a short section: the pipeline's logic runs for real, only the model is scripted."""
+
+    name = "scripted"
+
+    def chat(self, prompts: list[str], max_tokens: int, temperature: float, seed: int | None = None) -> list[str]:
+        import re
+
+        out = []
+        for p in prompts:
+            names = re.findall(r"`(\w+)`", p)  # the template names the function last
+            if "exercise" in p and names:
+                f = names[-1]
+                out.append(f'```python\ndef {f}(xs):\n    """Return the items of xs doubled."""\n'
+                           f"    return [2 * x for x in xs]\n\n\nassert {f}([1, 2]) == [2, 4]\nassert {f}([]) == []\n```")
+            else:
+                out.append("## Lists\n\nA list holds items in order; a loop visits each one.\n\n```python\n"
+                           "total = 0\nfor x in [1, 2, 3]:\n    total += x\n```\n" + "More prose. " * 20)
+        return out
+
+    def complete(self, prompts: list[str], max_tokens: int, temperature: float, seed: int | None = None) -> list[str]:
+        return self.chat(prompts, max_tokens, temperature, seed)
+
+
+def test_build_data_dir_runs_the_pipeline(tmp_path: Path) -> None:
+    """Without --data-dir the experiment runs `nanophi textbook run` and reads what it wrote."""
+    from nanophi.textbook.experiment_data import DataSpec, build_data_dir
+
+    spec = DataSpec(pool_docs=80, labels=40, textbooks=2, exercises=6, teacher_batch=4)
+    data_dir = build_data_dir(tmp_path / "data", spec, teacher_ref="scripted", seed=0, teacher=ScriptedTeacher())
+    data = load_data(data_dir, seed=0, heldout_code_fraction=0.1, heldout_exercise_fraction=0.25, tau=0.9,
+                     filter_keep=0.3)
+    assert data.stats["exercises"]["verified_records"] == 6 and data.stats["exercises"]["parsed"] == 6
+    assert len(data.train_exercises) + len(data.heldout_exercises) == 6 and data.heldout_exercises
+    assert len(data.textbooks) == 2 and 0 < len(data.filtered) < len(data.pool) + len(data.heldout_code)
