@@ -13,7 +13,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -110,10 +109,6 @@ def sandbox_processes(result: sandbox.SandboxResult | None = None) -> list[int]:
     return found
 
 
-def sandbox_workdirs() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("nanophi-sandbox-*")}
-
-
 @pytest.fixture
 def bystander():
     """A process of ours that no sandboxed program may kill."""
@@ -123,21 +118,19 @@ def bystander():
     proc.wait()
 
 
-def check_hostile(result: sandbox.SandboxResult, expected: set[str], bystander: subprocess.Popen,
-                  dirs_before: set[str]) -> None:
+def check_hostile(result: sandbox.SandboxResult, expected: set[str], bystander: subprocess.Popen) -> None:
     assert result.status in expected, (result.status, result.reason, result.stderr[-500:])
     assert bystander.poll() is None, "a sandboxed program killed a process outside the sandbox"
     assert result.sandbox_id and sandbox_processes(result) == [], "processes survived the sandbox"
     assert result.duration_s < HOSTILE_TIMEOUT_S + 1.5
-    assert sandbox_workdirs() <= dirs_before, "the work directory was not removed"
+    assert result.workdir and not os.path.exists(result.workdir), "the work directory was not removed"
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_program(name: str, bystander: subprocess.Popen) -> None:
     code, expected = HOSTILE[name]
-    before = sandbox_workdirs()
     result = run_program(code, timeout=HOSTILE_TIMEOUT_S, memory_mb=HOSTILE_MEMORY_MB)
-    check_hostile(result, expected, bystander, before)
+    check_hostile(result, expected, bystander)
     if name == "segfault":
         assert result.signal == 11 and "SIGSEGV" in result.reason
     if name == "kill_parent":
@@ -151,10 +144,9 @@ def test_hostile_program(name: str, bystander: subprocess.Popen) -> None:
 @pytest.mark.parametrize("name", PLAIN_SUBSET)
 def test_hostile_program_without_namespaces(name: str, bystander: subprocess.Popen) -> None:
     code, expected = HOSTILE[name]
-    before = sandbox_workdirs()
     result = sandbox._execute(code, mode=sandbox._mode("plain"), timeout=HOSTILE_TIMEOUT_S,
                               memory_mb=HOSTILE_MEMORY_MB, max_output=sandbox.DEFAULT_MAX_OUTPUT, files=None)
-    check_hostile(result, expected, bystander, before)
+    check_hostile(result, expected, bystander)
     assert "pid-namespace" not in result.protections
 
 
@@ -236,11 +228,10 @@ def test_memory_is_capped_for_all_processes_together(bystander: subprocess.Popen
             "        data = b'x' * (200 << 20)\n        time.sleep(0.3)\n        os._exit(0)\n    kids.append(pid)\n"
             "killed = 0\nfor pid in kids:\n    _, status = os.waitpid(pid, 0)\n"
             "    killed += os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9\nprint('killed', killed)\n")
-    before = sandbox_workdirs()
     result = run_program(code, timeout=3.0, memory_mb=HOSTILE_MEMORY_MB)
     assert result.status == "passed" and int(result.stdout.split()[1]) >= 3, (result.stdout, result.reason)
     assert "killed for memory" in result.reason
-    assert bystander.poll() is None and sandbox_processes(result) == [] and sandbox_workdirs() <= before
+    assert bystander.poll() is None and sandbox_processes(result) == [] and not os.path.exists(result.workdir)
     leftover = [p for p in Path("/sys/fs/cgroup").rglob("nanophi-sandbox-*") if p.is_dir()]
     assert leftover == [], "cgroups were not removed"
 

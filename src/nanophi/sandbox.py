@@ -91,6 +91,7 @@ class SandboxResult:
     protections: list[str] = field(default_factory=list)
     sandbox_id: str = ""  # the marker in the program's environment, for audits and leftover hunts
     uid: int | None = None  # the unprivileged uid it ran as, when one was used
+    workdir: str = ""  # the temporary work directory it ran in (removed by the time you read this)
 
     @property
     def passed(self) -> bool:
@@ -379,7 +380,7 @@ def _launch(config: dict, mode: _Mode, timeout: float, max_output: int, sandbox_
             reports.setdefault(key, value)
         result = _verdict(proc.returncode, reports, bool(mode.unshare_flags), timed_out, timeout,
                           _read_capped(out, max_output), _read_capped(err, max_output), duration, protections)
-    result.sandbox_id, result.uid = sandbox_id, config["uid"]
+    result.sandbox_id, result.uid, result.workdir = sandbox_id, config["uid"], config["workdir"]
     oom_kills = _oom_kills([Path(c) for c in config["cgroups"]])
     if oom_kills:
         result.reason += f"; {oom_kills} process(es) killed for memory (the sandbox's {config['memory_mb']} MB)"
