@@ -230,3 +230,20 @@ def test_checkpoint_weights_are_as_readable_as_the_rest(tmp_path: Path) -> None:
     path = checkpoint.save(tmp_path / "run", 1, model, {}, {}, {}, None, ("last",))
     weights, config = path / checkpoint.WEIGHTS, path / checkpoint.STATE
     assert weights.stat().st_mode & 0o777 == config.stat().st_mode & 0o777
+
+
+def test_train_on_a_prepared_directory(corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--data` may name the output of `nanophi prepare --out` (or `textbook pack`): its tokenizer is used as is."""
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", "--data", str(corpus_file), "--tokenizer", "bpe", "--vocab-size", "300",
+                 "--out", str(prepared)]) == 0
+    assert train_cli(prepared, tmp_path / "run", "--max-iters", "5") == 0
+    ckpt = checkpoint.load(tmp_path / "run", with_trainer=False)
+    assert ckpt.config["model"]["vocab_size"] == json.loads((prepared / "meta.json").read_text())["vocab_size"]
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "run"), "--prompt", "The", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.strip()
+    # a model whose tokenizer differs from the prepared one (here: char) cannot train on those ids
+    assert train_cli(corpus_file, tmp_path / "char", "--max-iters", "2") == 0
+    one_line_error(capsys, ["train", "--data", str(prepared), "--init-from", str(tmp_path / "char"),
+                            "--out", str(tmp_path / "ft"), *TINY, "--max-iters", "2"], "different tokenizer")

@@ -367,11 +367,30 @@ def _max_rss_mb() -> float:
 
 
 def prepare_data(cfg: RunConfig, tokenizer: Any = None) -> Any:
-    from nanophi.prepare import prepare
+    """The run's tokens. `--data` may also name an already prepared directory (`nanophi prepare --out`, or
+    `nanophi textbook pack`): its own tokenizer is used as is, so `--tokenizer`/`--vocab-size` do not apply."""
+    from nanophi.prepare import META_FILE, open_prepared, prepare
 
     dc = cfg.data
+    if dc.data and (Path(dc.data) / META_FILE).is_file() and (Path(dc.data) / "train.bin").is_file():
+        data = open_prepared(Path(dc.data))
+        if tokenizer is not None and _tokenizer_probe(tokenizer) != _tokenizer_probe(data.tokenizer):
+            raise UserError(f"{dc.data} was tokenized with a different tokenizer than the model's; pass the raw "
+                            "text as --data so it is tokenized with the model's own tokenizer")
+        log.info(f"data: prepared tokens in {dc.data} ({data.meta.get('tokenizer')} tokenizer, "
+                 f"vocab {data.meta.get('vocab_size')})")
+        return data
     return prepare(dc.data, tokenizer=dc.tokenizer, vocab_size=dc.vocab_size, val_fraction=dc.val_fraction,
                    glob=dc.glob, tokenizer_obj=tokenizer)
+
+
+def _tokenizer_probe(tokenizer: Any) -> tuple[int, list[int]]:
+    """Two tokenizers that agree on the vocabulary size and on a mixed probe text are taken to be the same."""
+    try:
+        ids = list(tokenizer.encode("def f(x):\n    return x  # The end.\n"))
+    except UserError:  # a char tokenizer refuses unseen characters: the refusal itself is the fingerprint
+        ids = []
+    return tokenizer.vocab_size, ids
 
 
 def train(cfg: RunConfig, callbacks: Sequence[Callback] | None = None) -> dict[str, Any]:
