@@ -460,3 +460,15 @@ def test_run_pipeline_end_to_end_then_skips_every_finished_stage(tmp_path):
 def test_textbook_cli_needs_a_stage():
     assert nanophi_main(["textbook"]) == 2
 
+
+
+def test_helpers_written_after_the_function_stay_after_it():
+    """A teacher's `x = f(2)` after `def f` ran as written; moving it above the function made it a NameError."""
+    from nanophi.sandbox import run_program
+
+    text = ('```python\ndef double_value(x):\n    """Return twice x."""\n    return 2 * x\n\n\n'
+            "FOUR = double_value(2)\n\nassert FOUR == 4\nassert double_value(3) == 6\n```\n")
+    ex, reason = parse_exercise(text, "double_value")
+    assert reason == "ok" and ex is not None
+    assert ex.solution.index("def double_value") < ex.solution.index("FOUR = double_value(2)")
+    assert run_program(ex.program(), timeout=10).status == "passed"

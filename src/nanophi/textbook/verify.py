@@ -145,12 +145,16 @@ def _exercise_from(tree: ast.Module, source: str, name: str | None) -> tuple[Exe
     if not tests or not _calls(ast.parse(test_src), target.name):
         return None, "no_tests"
     imports = [_segment(source, n) for n in support if isinstance(n, (ast.Import, ast.ImportFrom))]
-    helpers = [_segment(source, n) for n in support if not isinstance(n, (ast.Import, ast.ImportFrom))]
+    # Helpers keep their place around the function: `x = f(2)` written after `def f` must stay after it.
+    before = [_segment(source, n) for n in support
+              if not isinstance(n, (ast.Import, ast.ImportFrom)) and n.lineno < target.lineno]
+    after = [_segment(source, n) for n in support
+             if not isinstance(n, (ast.Import, ast.ImportFrom)) and n.lineno > target.lineno]
     fn_src = _segment(source, target)
     first = min([target.lineno] + [d.lineno for d in target.decorator_list])
     header = "\n".join(source.splitlines()[first - 1:target.body[0].end_lineno])  # body[0] is the docstring
     head = "\n".join(imports) + "\n\n\n" if imports else ""
-    solution = head + "\n\n\n".join([*helpers, fn_src])
+    solution = head + "\n\n\n".join([*before, fn_src, *after])
     return Exercise(target.name, head + header, solution, test_src), "ok"
 
 
