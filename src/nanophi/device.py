@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, ContextManager
+from typing import ContextManager
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from nanophi.errors import UserError
 
@@ -54,31 +52,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
     """Mixed precision around the forward pass; a no-op for fp32. Weights and optimizer state stay fp32.
-
-    On CPU, attention that will be differentiated runs in fp32 (see `Fp32AttentionOnCPU`)."""
+    (On CPU the model's attention keeps itself in fp32 when a backward follows: see CausalSelfAttention.)"""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    if device.type != "cpu":
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type="cpu", dtype=dtype))
-    stack.enter_context(Fp32AttentionOnCPU())
-    return stack
-
-
-class Fp32AttentionOnCPU(TorchFunctionMode):
-    """An autocast policy for one op: `scaled_dot_product_attention` in fp32 when a backward will follow.
-
-    CPU flash attention's backward is ~4.5x slower in bf16 than in fp32 (torch 2.13: 7.2 vs 1.6 ms for a
-    (12, 4, 64, 32) causal call), which cost more than bf16 matmuls saved for a 4-layer model. Attention is a
-    small share of the FLOPs, so computing it in fp32 costs little precision or time. Without grad (evaluation,
-    generation) bf16 flash attention is the faster one and is left alone. The model code stays unaware."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and torch.is_grad_enabled():
-            q, k, v = args[:3]
-            if q.dtype != torch.float32:
-                with torch.autocast(device_type="cpu", enabled=False):
-                    return func(q.float(), k.float(), v.float(), *args[3:], **kwargs).to(q.dtype)
-        return func(*args, **kwargs)
+    return torch.autocast(device_type=device.type, dtype=dtype)

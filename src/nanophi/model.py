@@ -205,10 +205,18 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_head != self.n_head and not gqa:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=gqa,
-        )  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype != torch.float32 and torch.is_grad_enabled():
+            # CPU flash attention's backward is ~4.5x slower in bf16 than fp32 (torch 2.13), which cost more than
+            # bf16 matmuls save; attention is a small share of the FLOPs, so a differentiated one runs in fp32.
+            # Without grad (eval, generation) bf16 flash attention is the faster one and is left alone.
+            with torch.autocast(device_type="cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                   is_causal=is_causal, dropout_p=dropout_p, enable_gqa=gqa)
+            y = y.to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                               enable_gqa=gqa)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 
