@@ -247,3 +247,11 @@ def test_train_on_a_prepared_directory(corpus_file: Path, tmp_path: Path, capsys
     assert train_cli(corpus_file, tmp_path / "char", "--max-iters", "2") == 0
     one_line_error(capsys, ["train", "--data", str(prepared), "--init-from", str(tmp_path / "char"),
                             "--out", str(tmp_path / "ft"), *TINY, "--max-iters", "2"], "different tokenizer")
+
+
+def test_help_shows_the_model_a_run_gets(capsys: pytest.CaptureFixture) -> None:
+    """RunConfig's model (4 layers, 128 wide) is smaller than GPTConfig's own defaults; --help must say 4."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "number of transformer blocks (default: 4)" in text and "(default: 128)" in text

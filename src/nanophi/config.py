@@ -155,7 +155,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
     """Add one flag per field. Defaults are SUPPRESSed so that only flags the user typed override lower layers."""
     group = parser.add_argument_group(cls.__name__)
     # The help shows what a run gets when the flag is absent: RunConfig's model is smaller than GPTConfig's own.
-    shown = {RunConfig().model.__class__: RunConfig().model}.get(cls)
+    shown = RunConfig().model if cls is GPTConfig else None
     for f, tp in cli_fields(cls):
         if f.name in skip:
             continue

@@ -23,7 +23,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from nanophi.errors import UserError
 
@@ -121,20 +121,25 @@ def _cut_partial_tail(path: Path) -> None:
         f.truncate(keep)
 
 
+def _write_durably(f: IO[str], records: Iterable[dict[str, Any]]) -> int:
+    """One JSON line per record, then flush and fsync; returns how many were written."""
+    n = 0
+    for rec in records:
+        f.write(_dumps(rec) + "\n")
+        n += 1
+    f.flush()
+    os.fsync(f.fileno())
+    return n
+
+
 def append_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
     """Append records as one batch, then flush and fsync; returns how many were written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         _cut_partial_tail(path)
-    n = 0
     with open(path, "a", encoding="utf-8") as f:
-        for rec in records:
-            f.write(_dumps(rec) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    return n
+        return _write_durably(f, records)
 
 
 def _tmp_path(path: Path) -> Path:
@@ -151,14 +156,9 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
-    n = 0
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(_dumps(rec) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
+            n = _write_durably(f, records)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
