@@ -148,17 +148,26 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: (B, nh, T, hs); positions: (T,) shared by the batch, or (B, T) per row (left-padded batches)
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for `rotate`, looked up once per forward and shared by every layer. positions: (T,) shared
+        by the batch -> (T, hs) tables, or (B, T) per row (left-padded batches) -> (B, 1, T, hs)."""
         cos, sin = self.cos[positions], self.sin[positions]  # (T, hs/2) or (B, T, hs/2)
         if positions.dim() == 2:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs/2)
-        # [x1*cos - x2*sin, x2*cos + x1*sin] as x*[cos, cos] + [x2, x1]*[-sin, sin]: two full-width products
-        # and one cat of x instead of four half-width products and a cat of their results (same values, faster)
+        # [x1*cos - x2*sin, x2*cos + x1*sin] as x*[cos, cos] + [x2, x1]*[-sin, sin]: two full-width products and
+        # one cat of x per call instead of four half-width products and a cat of their results (same values)
+        return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: (B, nh, T, hs), rotated in fp32 (bf16 angles would lose the positions' precision)."""
+        cos, sin = tables
         xf = x.float()
         x1, x2 = xf.chunk(2, dim=-1)
-        out = xf * torch.cat([cos, cos], dim=-1) + torch.cat([x2, x1], dim=-1) * torch.cat([-sin, sin], dim=-1)
-        return out.type_as(x)
+        return (xf * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.rotate(x, self.tables(positions))
 
 
 class CausalSelfAttention(nn.Module):
@@ -175,8 +184,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rotary: Rotary | None,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -189,8 +197,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rotary is not None:
-            q, k = rotary(q, positions), rotary(k, positions)
+        if rope is not None:  # Rotary.tables of this forward's positions
+            q, k = Rotary.rotate(q, rope), Rotary.rotate(k, rope)
         if cache is not None:
             # append this step's keys/values and attend over everything cached so far
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs)
@@ -257,9 +265,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None, positions: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rotary, positions, cache, layer)
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -354,8 +362,9 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
+        rope = self.rotary.tables(positions) if self.rotary is not None else None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, self.rotary, positions, cache, i)
+            x = block(x, rope, cache, i)
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)
