@@ -14,7 +14,8 @@ import torch
 from nanophi import checkpoint
 from nanophi.chat import PLAIN_TEMPLATE, apply_chat_template
 from nanophi.cli import main
-from nanophi.generate import Engine, TextStream, bench_generate
+from nanophi.errors import UserError
+from nanophi.generate import Engine, QuantLinear, TextStream, bench_generate, quantize_q4
 from nanophi.model import GPT, PRESETS, GPTConfig
 from nanophi.tokenizer import BPETokenizer, CharTokenizer, HFTokenizer
 
@@ -97,18 +98,40 @@ def test_bf16_engine_leaves_the_model_alone(char: CharTokenizer) -> None:
     assert engine.model.transformer.wte.weight.dtype == torch.float32  # the residual stream stays fp32
 
 
-def test_int8_engine_quantizes_a_copy(char: CharTokenizer) -> None:
-    model = tiny(char.vocab_size)
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_engine_quantizes_a_copy(char: CharTokenizer, quantize: str) -> None:
+    model = tiny(char.vocab_size, n_embd=64)  # int4 packs whole groups of 32 inputs
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    engine = Engine(model, char, quantize="int8")
+    engine = Engine(model, char, quantize=quantize)
     out = engine.generate_ids([char.encode("It was"), char.encode("The")], 10, temperature=0)
     assert [len(r) for r in out] == [10, 10]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert type(model.transformer.h[0].attn.c_attn) is torch.nn.Linear
-    with torch.no_grad():  # close to fp32: the int8 logits track the fp32 ones
+    if quantize == "int4":
+        bits = {m.bits for name, m in engine.model.named_modules() if isinstance(m, QuantLinear) and name != "lm_head"}
+        assert bits == {4} and engine.model.lm_head.bits == 8  # the head is the embedding, kept at 8 bits
+    else:
+        assert type(engine.model.transformer.h[0].attn.c_attn).__name__ == "Linear"  # fbgemm's dynamic one
+        assert type(engine.model.transformer.h[0].attn.c_attn) is not torch.nn.Linear
+    with torch.no_grad():  # the quantized logits track the fp32 ones; 4 bits of random weights lose more
         x = torch.tensor([char.encode("It was the best")])
         ref, q = model(x)[0], engine.model(x)[0]
-    assert torch.corrcoef(torch.stack([ref.flatten(), q.flatten()]))[0, 1] > 0.99
+    assert torch.corrcoef(torch.stack([ref.flatten(), q.flatten()]))[0, 1] > (0.99 if quantize == "int8" else 0.9)
+
+
+def test_int4_reproduces_q4_1_codes_exactly(char: CharTokenizer) -> None:
+    """Weights dequantized from a Q4_1 GGUF (SmolLM2's) re-quantize to the file's own codes and scales."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    w = torch.randn(48, 96).numpy()
+    q41 = torch.from_numpy(dequantize(quantize(w, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1))
+    codes, scale, lo = quantize_q4(q41)
+    again = (codes.view(48, 3, 32) * scale[..., None] + lo[..., None]).view(48, 96)
+    assert codes.min() >= 0 and codes.max() <= 15
+    torch.testing.assert_close(again, q41.float(), rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="--quantize"):
+        Engine(tiny(char.vocab_size), char, quantize="int3")
 
 
 def test_stop_strings_stream_exactly_the_returned_text(char: CharTokenizer) -> None:

@@ -131,8 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="random prompt length in tokens (default: 64)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weights with dynamic activations (CPU, fbgemm), as sample/chat/serve take it")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="CPU: int8 (fbgemm dynamic) or int4 (4-bit weights) linear layers, as sample/chat/serve "
+                        "take them")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best counts (default: 3)")
     p.add_argument("--compare-hf", action="store_true",
                    help="also time Hugging Face generate on the same weights (needs transformers)")

@@ -12,8 +12,9 @@ early (EOS, stop string, their own token budget) are dropped from the batch once
 
 Decoding a few rows reads every weight once per token, so memory traffic bounds it. On a CPU the engine therefore
 keeps its linear weights transposed, (in, out), which BLAS streams faster at one row (`StreamingLinear`), and can
-run them in int8 (`quantize="int8"`: a quarter of the bytes). `dtype=torch.bfloat16` multiplies with bf16 weight
-copies (GPUs, CPUs with native bf16). The residual stream, norms and embeddings stay fp32 in every mode.
+run them in int8 (`quantize="int8"`: a quarter of the bytes) or int4 (`quantize="int4"`: an eighth).
+`dtype=torch.bfloat16` multiplies with bf16 weight copies (GPUs, CPUs with native bf16). The residual stream,
+norms and embeddings stay fp32 in every mode.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 REPLACEMENT_CHAR = "\ufffd"
 # Drop finished rows from the batch once at least this fraction of it is done (compaction copies the cache).
 COMPACT_FRACTION = 0.5
+# --quantize choices, CPU decoding: "int8" fbgemm's dynamic int8 (fastest for batches), "int4" weight-only 4-bit
+# `QuantLinear` (fastest for one stream; a Q4_1 GGUF's own codes).
+QUANTIZE = (None, "int8", "int4")
 
 
 def sample_logits(
@@ -115,8 +119,10 @@ class Engine:
         quantize: str | None = None,
     ) -> None:
         """`dtype`: precision of the matmuls (bf16 pays off on GPUs and CPUs with native bf16). `quantize="int8"`
-        (CPU): int8 weights with dynamically quantized activations (fbgemm), ~2x faster decoding, outputs close to
-        but not bit-identical with fp32. The engine reads the model's weights now: later updates are not seen."""
+        (CPU): int8 weights with dynamically quantized activations (fbgemm), ~2x faster decoding, fastest for
+        batches; `quantize="int4"` (CPU): 4-bit weights (`QuantLinear`), ~2.2x faster for one stream. Outputs
+        are close to but not bit-identical with fp32. The engine reads the model's weights now: later updates are
+        not seen."""
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
@@ -320,13 +326,15 @@ def decode_copy(model: GPT, device: torch.device, dtype: torch.dtype, quantize: 
     """The model the engine runs. On a GPU in fp32: the model itself. Otherwise a copy that shares every tensor
     with `model` except the linear layers' weights, which become
       - int8 (quantize="int8", CPU): torch's dynamically quantized Linear, per-channel weight scales;
+      - int4 (quantize="int4", CPU): `QuantLinear`, 4-bit weights in groups of 32, bf16 products;
       - (in, out) fp32 StreamingLinear on a CPU;
       - `dtype` copies (bf16/fp16), for autocast to multiply without casting the weights every step.
     The output head is thereby untied from the embedding, which stays fp32, so the residual stream does too."""
-    if quantize not in (None, "int8"):
-        raise UserError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize not in QUANTIZE:
+        raise UserError(f"--quantize must be one of {', '.join(q for q in QUANTIZE if q)}, got {quantize!r}")
     if quantize and (device.type != "cpu" or dtype != torch.float32):
-        raise UserError("int8 quantization is a CPU, float32 option (fbgemm kernels); drop --quantize or --dtype")
+        raise UserError(f"{quantize} quantization is a CPU option (torch's packed kernels) with the default "
+                        "--dtype float32; drop --quantize or --dtype")
     if device.type != "cpu" and dtype == torch.float32:
         return model
     # deepcopy the module tree but not the tensors: the memo maps every parameter and buffer to itself
@@ -338,6 +346,8 @@ def decode_copy(model: GPT, device: torch.device, dtype: torch.dtype, quantize: 
         module.__dict__.pop("act_out", None)
     if quantize == "int8":
         return _quantize_int8(shadow)
+    if quantize == "int4":
+        return _quantize_int4(shadow)
     for module in list(shadow.modules()):
         for name, child in module.named_children():
             if not isinstance(child, torch.nn.Linear):
@@ -350,6 +360,70 @@ def decode_copy(model: GPT, device: torch.device, dtype: torch.dtype, quantize: 
                 new.load_state_dict(child.state_dict())
                 setattr(module, name, new)
     return shadow.eval()
+
+
+def quantize_q4(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest asymmetric 4-bit quantization of w (N, K) in groups of `group` inputs, GGUF Q4_1's
+    scheme: w ~ code * scale + lo with code in 0..15, lo the group's minimum and scale = (max - min) / 15.
+    Returns codes (N, K) int32 and scale, lo (N, K / group) fp32. Weights dequantized from a Q4_1 file come back
+    as exactly their own codes, because each Q4_1 group holds its min (code 0) and its max (code 15)."""
+    n, k = w.shape
+    groups = w.float().view(n, k // group, group)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = ((hi - lo) / 15).clamp_(min=1e-12)  # a constant group: every code 0, any scale
+    codes = ((groups - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.int32)
+    return codes.view(n, k), scale, lo
+
+
+class QuantLinear(torch.nn.Module):
+    """A weight-only quantized nn.Linear for decoding on a CPU (`quantize="int4"`): the weights are stored in 4
+    or 8 bits and multiplied by torch's packed kernels, which read 8x or 4x fewer bytes than fp32 -- the bytes
+    bound decoding one stream.
+
+      - 4 bits: asymmetric, a scale and a zero per group of 32 inputs (`torch._weight_int4pack_mm_for_cpu`): the
+        layout of GGUF's Q4_1, so a Q4_1 GGUF (SmolLM2's) is re-quantized to exactly its own 4-bit codes;
+      - 8 bits (the output head): symmetric, one scale per output channel (`torch._weight_int8pack_mm`).
+
+    Only the weights are quantized; the activations are not (fbgemm's dynamic int8 rounds them to 8 bits per
+    call). The kernels' fast path on CPU is bf16 (AVX-512 BF16 / AMX), so the product runs in bf16 with fp32 in
+    and out; the scales are rounded to bf16 too. The residual stream, norms and attention stay fp32."""
+
+    GROUP = 32
+
+    def __init__(self, linear: torch.nn.Linear, bits: int) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.bits = bits
+        if bits == 4:
+            codes, scale, lo = quantize_q4(w, self.GROUP)
+            zero = lo + 8 * scale  # the kernel computes (code - 8) * scale + zero
+            self.register_buffer("weight_q", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+            self.register_buffer("scale_zero", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+                                 .to(torch.bfloat16))  # (K / 32, N, 2)
+        else:
+            scale = (w.abs().amax(dim=1) / 127).clamp_(min=1e-12)
+            self.register_buffer("weight_q", (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8))
+            self.register_buffer("scale_zero", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    @classmethod
+    def supports(cls, linear: torch.nn.Linear, bits: int) -> bool:
+        """int4 needs whole groups of 32 inputs and the packing's tile of 16 outputs."""
+        out_features, in_features = linear.weight.shape
+        return bits == 8 or (in_features % cls.GROUP == 0 and out_features % 16 == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.bits == 4:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight_q, self.GROUP, self.scale_zero)
+        else:
+            y = torch._weight_int8pack_mm(x2, self.weight_q, self.scale_zero)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
 
 
 def _quantize_int8(shadow: GPT) -> GPT:
@@ -367,6 +441,20 @@ def _quantize_int8(shadow: GPT) -> GPT:
     with warnings.catch_warnings():  # torch points eager-mode quantization users at torchao; it still works
         warnings.simplefilter("ignore")
         quantize_dynamic(shadow, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    return shadow.eval()
+
+
+def _quantize_int4(shadow: GPT) -> GPT:
+    """Replace the linear layers of `shadow` (whose tensors are shared with the caller's model: nothing is
+    modified in place) by weight-only 4-bit `QuantLinear`s. The output head gets 8 bits: it is the token
+    embedding, which quantized GGUFs keep at 8 bits too (SmolLM2's is Q8_0), and its errors move every logit."""
+    if not hasattr(torch, "_weight_int8pack_mm") or not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        raise UserError("this torch has no packed int4 CPU kernels; run without --quantize or with int8")
+    for module in list(shadow.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Linear):
+                bits = 4 if child is not shadow.lm_head and QuantLinear.supports(child, 4) else 8
+                setattr(module, name, QuantLinear(child, bits))
     return shadow.eval()
 
 
@@ -484,8 +572,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """--dtype and --quantize, shared by sample, chat and serve."""
     parser.add_argument("--dtype", default="float32", help="float32, or bfloat16 for bf16 matmuls (faster on "
                         "GPUs and CPUs with native bf16; much slower on AVX2-only CPUs)")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="CPU: int8 weights (fbgemm dynamic quantization), ~2x faster, close to fp32 output")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="CPU: int8 (fbgemm dynamic quantization; fastest for batches) or int4 (4-bit "
+                             "weights in groups of 32, GGUF Q4_1's layout; fastest for one stream): 2-3x faster "
+                             "decoding, output close to fp32")
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine:
