@@ -450,6 +450,10 @@ def _quantize_int4(shadow: GPT) -> GPT:
     embedding, which quantized GGUFs keep at 8 bits too (SmolLM2's is Q8_0), and its errors move every logit."""
     if not hasattr(torch, "_weight_int8pack_mm") or not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         raise UserError("this torch has no packed int4 CPU kernels; run without --quantize or with int8")
+    from nanophi.device import cpu_has_amx_bf16
+
+    if not cpu_has_amx_bf16():  # the kernel's bf16 path is what makes int4 fast; elsewhere int8 usually wins
+        log.warning("--quantize int4 multiplies in bf16, which this CPU has no AMX for: try --quantize int8 too")
     for module in list(shadow.modules()):
         for name, child in module.named_children():
             if isinstance(child, torch.nn.Linear):
