@@ -43,9 +43,21 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     """safetensors' save_file creates the file with mode 0600; give it the permissions any file written here
     gets (0666 minus the umask), so shared checkpoints and exports are readable by the group like their JSON."""
     save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; os.umask can only read it by setting it, which briefly
+    changes it for every thread (a data loader or server thread creating a file then would get mode 0666)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @dataclass
