@@ -187,18 +187,21 @@ def test_bench_train_prints_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert out["peak_source"].startswith("measured: ")
 
 
-def test_bench_generate_cli_takes_int8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_bench_generate_cli_takes_int8_and_prices_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("NANOPHI_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
     assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--n-layer", "1", "--n-head", "2",
-                 "--n-embd", "32", "--block-size", "16", "--max-iters", "2", "--dashboard", "off"]) == 0
+                 "--n-embd", "32", "--block-size", "16", "--max-iters", "2", "--dashboard", "off",
+                 "--tokenizer", "bpe", "--vocab-size", "300"]) == 0
     capsys.readouterr()
     assert main(["bench", "generate", "--model", str(tmp_path / "run"), "--batch-size", "2", "--new-tokens", "4",
-                 "--prompt-tokens", "4", "--repeats", "1", "--quantize", "int8", "--json"]) == 0
+                 "--prompt-tokens", "4", "--repeats", "1", "--quantize", "int8", "--quality", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["quantize"] == "int8" and out["decode_tok_s"] > 0 and out["batch_size"] == 2
+    # a barely trained model: both losses near ln(300) = 5.7, and int8 is close to fp32
+    assert 0 < out["fp32_loss"] < 10 and abs(out["loss_vs_fp32"]) < 0.2
 
 
 def test_bench_without_a_target_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -98,7 +98,7 @@ def bench_generate_cmd(args: argparse.Namespace) -> dict[str, Any]:
 
     return bench_generate(args.model, batch_size=args.batch_size, new_tokens=args.new_tokens,
                           prompt_tokens=args.prompt_tokens, dtype=args.dtype, compare_hf=args.compare_hf,
-                          device=args.device, repeats=args.repeats, quantize=args.quantize)
+                          device=args.device, repeats=args.repeats, quantize=args.quantize, quality=args.quality)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
@@ -135,6 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU: int8 (fbgemm dynamic) or int4 (4-bit weights) linear layers, as sample/chat/serve "
                         "take them")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best counts (default: 3)")
+    p.add_argument("--quality", action="store_true",
+                   help="also the decoding loss on CPython's docs, this mode beside fp32 (what speed costs)")
     p.add_argument("--compare-hf", action="store_true",
                    help="also time Hugging Face generate on the same weights (needs transformers)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: cpu)")

@@ -122,12 +122,16 @@ class Engine:
         (CPU): int8 weights with dynamically quantized activations (fbgemm), ~2x faster decoding, fastest for
         batches; `quantize="int4"` (CPU): 4-bit weights (`QuantLinear`), ~2.2x faster for one stream. Outputs
         are close to but not bit-identical with fp32. The engine reads the model's weights now: later updates are
-        not seen."""
+        not seen, except by int8's prompt reading (below)."""
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
         self.block_size = model.config.block_size
         self.model = decode_copy(model, self.device, dtype, quantize)
+        # fbgemm's dynamic int8 quantizes activations with one scale per call: over a whole prompt, outlier
+        # features crush everything else (SmolLM2's loss on 512-token chunks: 2.16 fp32, 3.39 int8). Prompts are
+        # compute-bound anyway, so with int8 the model itself reads them in fp32 and int8 only decodes.
+        self.prefill_model = model if quantize == "int8" else self.model
 
     # --- token level ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -161,8 +165,9 @@ class Engine:
         if not prompts or max(budgets) == 0:
             return new
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        was_training = self.model.training
+        was_training = self.model.training, self.prefill_model.training
         self.model.eval()
+        self.prefill_model.eval()
         try:
             if use_cache:
                 self._decode(prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop, on_token)
@@ -170,7 +175,8 @@ class Engine:
                 self._decode_uncached(prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop,
                                       on_token)
         finally:
-            self.model.train(was_training)
+            self.model.train(was_training[0])
+            self.prefill_model.train(was_training[1])
         return new
 
     def _accept(self, i: int, tok: int, new: list[list[int]], budgets: list[int], stop_ids: set[int] | None,
@@ -222,7 +228,7 @@ class Engine:
         cache_dtype = self.dtype if self.dtype != torch.float32 else next(self.model.parameters()).dtype
         cache = KVCache(cfg.n_layer, len(rows), cfg.n_kv_head, cfg.head_dim, cache_len, pad, self.device, cache_dtype)
         with autocast(self.device, self.dtype):
-            out, _ = self.model(x, cache=cache)
+            out, _ = self.prefill_model(x, cache=cache)
         return cache, out[:, -1]
 
     def _decode_uncached(self, prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop,
@@ -474,11 +480,13 @@ def bench_generate(
     repeats: int = 3,
     seed: int = 0,
     quantize: str | None = None,
+    quality: bool = False,
 ) -> dict[str, Any]:
     """Decode tokens/s (all rows together) and prefill time of greedy generation, best of `repeats`.
 
     With `compare_hf`, the same weights (exported to a temporary HF directory) run through transformers'
-    `generate` in fp32 at this batch size and at batch 1, the baseline the engine is measured against."""
+    `generate` in fp32 at this batch size and at batch 1, the baseline the engine is measured against.
+    With `quality`, the loss of this mode's decoding beside fp32's (`decode_loss`), so speed comes with its cost."""
     from nanophi.device import pick_device
 
     if batch_size < 1 or new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
@@ -510,11 +518,52 @@ def bench_generate(
         "decode_tok_s": round(batch_size * (new_tokens - 1) / max(total - prefill, 1e-9), 1),
         "total_tok_s": round(batch_size * new_tokens / total, 1),
     }
+    if quality:
+        result["loss"] = decode_loss(engine, tokenizer, batch_size, prompt_tokens, new_tokens)
+        fp32 = Engine(model, tokenizer, dev) if (torch_dtype, quantize) != (torch.float32, None) else engine
+        result["fp32_loss"] = decode_loss(fp32, tokenizer, batch_size, prompt_tokens, new_tokens)
+        result["loss_vs_fp32"] = round(result["loss"] / result["fp32_loss"] - 1, 4)
     if compare_hf:
         result |= _bench_hf(model, tokenizer, prompts, new_tokens, repeats, dev)
         result["speedup_vs_hf"] = round(result["decode_tok_s"] / result["hf_decode_tok_s"], 2)
         result["speedup_vs_hf_batch1"] = round(result["decode_tok_s"] / result["hf_batch1_decode_tok_s"], 2)
     return result
+
+
+@torch.inference_mode()
+def decode_loss(engine: Engine, tokenizer: Any, batch_size: int, prompt_tokens: int, new_tokens: int) -> float:
+    """Mean cross-entropy of the engine's decoding steps on real text, teacher-forced: `batch_size` rows of
+    CPython's documentation (the offline default corpus), each prefilled with `prompt_tokens` and then fed its
+    next `new_tokens` one at a time through the KV cache, exactly as generation runs -- so it prices what a
+    --dtype or --quantize choice does to the prompt's keys and values and to every decoding step."""
+    from nanophi.sources import pydoc_documents
+
+    need = batch_size * (prompt_tokens + new_tokens)
+    ids: list[int] = []
+    for doc in pydoc_documents():
+        try:
+            ids += tokenizer.encode(doc.text + "\n\n")
+        except UserError:  # a char model trained elsewhere cannot spell every topic; the others still count
+            continue
+        if len(ids) > need:
+            break
+    if len(ids) <= need:
+        raise UserError(f"the model's tokenizer encodes {len(ids)} tokens of CPython's documentation and --quality "
+                        f"needs {need + 1}; ask for fewer --batch-size/--prompt-tokens/--new-tokens")
+    rows = torch.tensor(ids[:need]).view(batch_size, -1)
+    targets = torch.tensor(ids[1 : need + 1]).view(batch_size, -1)
+    engine.model.eval()
+    engine.prefill_model.eval()
+    cache, logits = engine._prefill(rows[:, :prompt_tokens].tolist(), prompt_tokens + new_tokens)
+    total = 0.0
+    for t in range(prompt_tokens, prompt_tokens + new_tokens):
+        total += torch.nn.functional.cross_entropy(logits.float(), targets[:, t - 1].to(logits.device),
+                                                   reduction="sum").item()
+        if t + 1 < prompt_tokens + new_tokens:
+            with autocast(engine.device, engine.dtype):
+                out, _ = engine.model(rows[:, t : t + 1].to(engine.device), cache=cache)
+            logits = out[:, -1]
+    return round(total / (batch_size * new_tokens), 4)
 
 
 def _bench_hf(model: GPT, tokenizer: Any, prompts: list[list[int]], new_tokens: int, repeats: int,
