@@ -151,6 +151,13 @@ def test_finetune_masked_lowers_the_solution_loss() -> None:
     assert stats["last_loss"] < stats["first_loss"] / 2
 
 
+def test_exercise_fine_tune_is_capped_in_passes_over_the_exercises() -> None:
+    small = PRESETS["small"]
+    assert small.ft_steps(19) == math.ceil(small.ft_max_epochs * 19 / small.ft_batch)  # 19, not 150
+    assert small.ft_steps(100_000) == small.ft_iters
+    assert small.ft_steps(0) == 1
+
+
 def test_check_all_parses_runs_and_passes() -> None:
     from nanophi.humaneval import load_problems
     from nanophi.textbook.experiment_eval import check_all, summarise_checks

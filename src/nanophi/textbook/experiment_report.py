@@ -242,7 +242,8 @@ def report_markdown(results: dict[str, Any], figs: dict[str, Path], root: Path) 
           f"{data['tokenizer_vocab']} tokens trained on the union of the arms' training text.",
           f"- Budget: every arm pretrains on **{budget['pretrain_tokens']:,} tokens** ({cfg['pretrain_iters']} steps × "
           f"{cfg['batch_size']} × {cfg['block_size']}); the D arms add the same **{budget['finetune_tokens']:,}-token** "
-          f"exercise fine-tune ({cfg['ft_iters']} steps × {cfg['ft_batch']} exercises, problem tokens masked).",
+          f"exercise fine-tune ({budget.get('finetune_steps', cfg['ft_iters'])} steps × {cfg['ft_batch']} exercises, "
+          f"problem tokens masked).",
           f"- Seeds: {cfg['seeds']} per arm (initialisation and batch order; the data split is fixed).",
           f"- Data ({data.get('data_dir')}): pool {data['n_pool']} documents ({data['chars']['pool']:,} chars), filtered "
           f"{data['n_filtered']} ({data['chars']['filtered']:,} chars), textbooks {data['n_textbooks']} "
