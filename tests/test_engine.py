@@ -15,7 +15,8 @@ from nanophi import checkpoint
 from nanophi.chat import PLAIN_TEMPLATE, apply_chat_template
 from nanophi.cli import main
 from nanophi.errors import UserError
-from nanophi.generate import Engine, QuantLinear, TextStream, bench_generate, quantize_q4
+from nanophi.generate import (Engine, QuantLinear, TextStream, apply_repetition_penalty, bench_generate,
+                              quantize_q4)
 from nanophi.model import GPT, PRESETS, GPTConfig
 from nanophi.tokenizer import BPETokenizer, CharTokenizer, HFTokenizer
 
@@ -59,6 +60,25 @@ def test_ragged_batch_equals_one_by_one_with_per_row_budgets(char: CharTokenizer
     alone = [engine.generate_ids([p], b, temperature=0)[0] for p, b in zip(prompts, budgets)]
     assert together == alone and [len(r) for r in together] == budgets
     assert together == engine.generate_ids(prompts, budgets, temperature=0, use_cache=False)
+
+
+def test_repetition_penalty_is_hugging_faces(char: CharTokenizer) -> None:
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits, ids = torch.randn(3, 40), torch.randint(0, 40, (3, 7))
+    seen = torch.zeros(3, 40, dtype=torch.bool).scatter_(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.3), expected)
+    # in the engine: the cached batch (ragged budgets, rows dropped as they finish) equals nanoGPT's loop
+    engine = Engine(tiny(char.vocab_size), char)
+    prompts = [char.encode(p) for p in ("It was", "The loss went down.\nIt", "s", "worst of small")]
+    budgets = [5, 20, 12, 1]
+    penalized = engine.generate_ids(prompts, budgets, temperature=0, repetition_penalty=1.5)
+    assert penalized == engine.generate_ids(prompts, budgets, temperature=0, repetition_penalty=1.5, use_cache=False)
+    assert penalized != engine.generate_ids(prompts, budgets, temperature=0)
+    with pytest.raises(UserError, match="repetition_penalty"):
+        engine.generate_ids(prompts, 4, repetition_penalty=0)
 
 
 def test_rows_that_stop_early_are_dropped_without_changing_the_others(char: CharTokenizer) -> None:

@@ -48,6 +48,14 @@ COMPACT_FRACTION = 0.5
 QUANTIZE = (None, "int8", "int4")
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Hugging Face's `repetition_penalty` (CTRL, Keskar et al. 2019): the logit of every token already in the
+    row's context (`seen`, (B, V) bool) is divided by `penalty` when positive and multiplied when negative, so
+    > 1 discourages repeats. Small models loop without it ("Your code is correct." x 40)."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
 def sample_logits(
     logits: torch.Tensor,
     temperature: float,
@@ -147,6 +155,7 @@ class Engine:
         should_stop: Callable[[int, list[int]], bool] | None = None,
         on_token: Callable[[int, list[int]], None] | None = None,
         use_cache: bool = True,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
         """New token ids for each prompt (prompt excluded, a stop id excluded).
 
@@ -161,6 +170,8 @@ class Engine:
             raise UserError("every prompt needs at least one token")
         if temperature < 0:
             raise UserError(f"temperature must be >= 0, got {temperature}")
+        if repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
         new: list[list[int]] = [[] for _ in prompts]
         if not prompts or max(budgets) == 0:
             return new
@@ -170,10 +181,11 @@ class Engine:
         self.prefill_model.eval()
         try:
             if use_cache:
-                self._decode(prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop, on_token)
+                self._decode(prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop, on_token,
+                             repetition_penalty)
             else:
                 self._decode_uncached(prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop,
-                                      on_token)
+                                      on_token, repetition_penalty)
         finally:
             self.model.train(was_training[0])
             self.prefill_model.train(was_training[1])
@@ -189,7 +201,15 @@ class Engine:
             on_token(i, new[i])
         return len(new[i]) >= budgets[i] or (should_stop is not None and should_stop(i, new[i]))
 
-    def _decode(self, prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop, on_token) -> None:
+    def _seen(self, rows: list[list[int]], vocab: int) -> torch.Tensor:
+        """(B, vocab) bool: which token ids each row's context holds (for the repetition penalty)."""
+        seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=self.device)
+        for r, ids in enumerate(rows):
+            seen[r, torch.tensor(ids, dtype=torch.long, device=self.device)] = True
+        return seen
+
+    def _decode(self, prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop, on_token,
+                penalty: float = 1.0) -> None:
         def context(i: int, n: int) -> list[int]:  # the last n tokens of row i, prompt and generated
             return (list(prompts[i]) + new[i])[-n:]
 
@@ -199,9 +219,16 @@ class Engine:
         # a cache as long as this batch can use, not the model's whole context (SmolLM2: 8192 x 30 layers)
         cache_len = min(self.block_size, max(map(len, rows)) + max(budgets[i] for i in live))
         cache, logits = self._prefill(rows, cache_len)
+        # the whole history counts, as in HF, not only what fits the cache
+        seen = self._seen([context(i, len(prompts[i]) + len(new[i])) for i in live], logits.size(-1)) \
+            if penalty != 1.0 else None
         finished: set[int] = set()
         while True:
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, penalty)
             next_ids = sample_logits(logits, temperature, top_k, top_p, gen)
+            if seen is not None:
+                seen[torch.arange(len(live), device=self.device), next_ids] = True
             for i, tok in zip(live, next_ids.tolist()):
                 if i not in finished and self._accept(i, tok, new, budgets, stop_ids, should_stop, on_token):
                     finished.add(i)
@@ -211,6 +238,7 @@ class Engine:
                 kept = [j for j, i in enumerate(live) if i not in finished]
                 live, finished = [live[j] for j in kept], set()
                 next_ids = next_ids[kept]
+                seen = seen[kept] if seen is not None else None
                 cache.keep_rows(torch.tensor(kept, device=self.device))
             if cache.free == 0:  # a row reached the context: restart from the last half-context
                 cache, logits = self._prefill([context(i, self.block_size // 2) for i in live], self.block_size)
@@ -232,7 +260,7 @@ class Engine:
         return cache, out[:, -1]
 
     def _decode_uncached(self, prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop,
-                         on_token) -> None:
+                         on_token, penalty: float = 1.0) -> None:
         """nanoGPT's loop, row by row: the whole (cropped) context through the model every step. For tests."""
         live = [i for i, b in enumerate(budgets) if b > 0]
         while live:
@@ -242,7 +270,11 @@ class Engine:
                 with autocast(self.device, self.dtype):
                     out, _ = self.model(x)
                 outs.append(out[:, -1])
-            next_ids = sample_logits(torch.cat(outs), temperature, top_k, top_p, gen).tolist()
+            logits = torch.cat(outs)
+            if penalty != 1.0:
+                seen = self._seen([list(prompts[i]) + new[i] for i in live], logits.size(-1))
+                logits = apply_repetition_penalty(logits, seen, penalty)
+            next_ids = sample_logits(logits, temperature, top_k, top_p, gen).tolist()
             live = [i for i, tok in zip(live, next_ids)
                     if not self._accept(i, tok, new, budgets, stop_ids, should_stop, on_token)]
 
@@ -273,6 +305,7 @@ class Engine:
         seed: int | None = None,
         on_text: Callable[[int, str], None] | None = None,
         stop_at_eos: bool = True,
+        repetition_penalty: float = 1.0,
     ) -> list[str]:
         """The continuation of each prompt, cut before the first stop string. `on_text(row, delta)` streams."""
         streams = [TextStream(self.tokenizer, stop or (), None if on_text is None else _bind(on_text, i))
@@ -280,7 +313,7 @@ class Engine:
         ids = self.generate_ids(self.encode_prompts(prompts), max_new_tokens, temperature, top_k, top_p, seed,
                                 stop_ids=self.stop_ids() if stop_at_eos else None,
                                 should_stop=lambda i, new: streams[i].push(new),
-                                on_token=None)
+                                on_token=None, repetition_penalty=repetition_penalty)
         return [s.finish(r) for s, r in zip(streams, ids)]
 
     def chat(
@@ -614,6 +647,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
     parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass p")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 discourages tokens already in the context (Hugging Face's; 1.1-1.3 typical)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     parser.add_argument("--num-samples", type=int, default=1, help="samples to draw (in one batch)")
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
@@ -655,7 +690,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     outs = engine.generate([args.prompt] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-                           args.top_p, args.stop, args.seed, on_text=on_text if stream else None)
+                           args.top_p, args.stop, args.seed, on_text=on_text if stream else None,
+                           repetition_penalty=args.repetition_penalty)
     if not stream:
         sys.stdout.write("\n---\n".join(outs))
     sys.stdout.write("\n")
