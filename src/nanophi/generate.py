@@ -219,9 +219,8 @@ class Engine:
         # a cache as long as this batch can use, not the model's whole context (SmolLM2: 8192 x 30 layers)
         cache_len = min(self.block_size, max(map(len, rows)) + max(budgets[i] for i in live))
         cache, logits = self._prefill(rows, cache_len)
-        # the whole history counts, as in HF, not only what fits the cache
-        seen = self._seen([context(i, len(prompts[i]) + len(new[i])) for i in live], logits.size(-1)) \
-            if penalty != 1.0 else None
+        # the whole prompt counts, as in HF, not only what fits the cache
+        seen = self._seen([list(prompts[i]) for i in live], logits.size(-1)) if penalty != 1.0 else None
         finished: set[int] = set()
         while True:
             if seen is not None:
@@ -447,10 +446,10 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     @classmethod
-    def supports(cls, linear: torch.nn.Linear, bits: int) -> bool:
+    def packs_int4(cls, linear: torch.nn.Linear) -> bool:
         """int4 needs whole groups of 32 inputs and the packing's tile of 16 outputs."""
         out_features, in_features = linear.weight.shape
-        return bits == 8 or (in_features % cls.GROUP == 0 and out_features % 16 == 0)
+        return in_features % cls.GROUP == 0 and out_features % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -496,7 +495,7 @@ def _quantize_int4(shadow: GPT) -> GPT:
     for module in list(shadow.modules()):
         for name, child in module.named_children():
             if isinstance(child, torch.nn.Linear):
-                bits = 4 if child is not shadow.lm_head and QuantLinear.supports(child, 4) else 8
+                bits = 4 if child is not shadow.lm_head and QuantLinear.packs_int4(child) else 8
                 setattr(module, name, QuantLinear(child, bits))
     return shadow.eval()
 
@@ -660,7 +659,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """--dtype and --quantize, shared by sample, chat and serve."""
     parser.add_argument("--dtype", default="float32", help="float32, or bfloat16 for bf16 matmuls (faster on "
                         "GPUs and CPUs with native bf16; much slower on AVX2-only CPUs)")
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+    parser.add_argument("--quantize", choices=[q for q in QUANTIZE if q], default=None,
                         help="CPU: int8 (fbgemm dynamic quantization; fastest for batches) or int4 (4-bit "
                              "weights in groups of 32, GGUF Q4_1's layout; fastest for one stream): 2-3x faster "
                              "decoding, output close to fp32")

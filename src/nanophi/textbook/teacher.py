@@ -47,7 +47,6 @@ REQUEST_TIMEOUT_S = 120.0
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 CHARS_PER_TOKEN = 4  # token estimate when an endpoint does not report usage
 TOP_P = 0.95
-REPETITION_PENALTY = 1.0  # local teacher; > 1 discourages the loops a 135M model falls into
 
 
 class Teacher(Protocol):
@@ -102,12 +101,11 @@ class LocalTeacher:
 
     def __init__(self, ref: str = DEFAULT_TEACHER, device: str = "cpu", dtype: str = "float32",
                  quantize: str | None = None, batch_size: int = DEFAULT_BATCH,
-                 system: str | None = None, repetition_penalty: float = REPETITION_PENALTY) -> None:
+                 system: str | None = None) -> None:
         if batch_size < 1:
             raise UserError(f"teacher batch size must be >= 1, got {batch_size}")
         self.ref, self.device, self.dtype, self.quantize, self.batch_size = ref, device, dtype, quantize, batch_size
         self.system = system
-        self.repetition_penalty = repetition_penalty
         self.name = f"local:{ref}" + (f"+{quantize}" if quantize else "")
         # SmolLM2's weights are Apache-2.0; for other references the user knows the terms, nanophi does not.
         self.licence = SMOLLM2_LICENCE if ref == DEFAULT_TEACHER else None
@@ -160,8 +158,7 @@ class LocalTeacher:
             ids = [tok.encode(t)[-room:] for t in batch]
             t0 = time.perf_counter()
             new = engine.generate_ids(ids, max_tokens, temperature=temperature, top_p=TOP_P if temperature else None,
-                                      seed=None if seed is None else seed + start, stop_ids=engine.stop_ids(),
-                                      repetition_penalty=self.repetition_penalty)
+                                      seed=None if seed is None else seed + start, stop_ids=engine.stop_ids())
             dt = time.perf_counter() - t0
             for row_ids, row_new in zip(ids, new):
                 self.usage.add(len(row_ids), len(row_new), seconds=dt / len(batch))
