@@ -16,8 +16,9 @@ CELL_TIMEOUT_S = 300
 KERNEL = "nanophi-test"
 
 
-def test_both_notebooks_exist() -> None:
-    assert NAMES == ["01_gpt_from_scratch.ipynb", "02_textbooks_case_study.ipynb"]
+def test_every_notebook_exists() -> None:
+    assert NAMES == ["01_gpt_from_scratch.ipynb", "02_textbooks_case_study.ipynb",
+                     "03_gpt_in_keras.ipynb", "04_gpt_in_jax.ipynb"]
 
 
 @pytest.fixture
