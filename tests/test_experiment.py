@@ -300,3 +300,15 @@ def test_build_data_dir_runs_the_pipeline(tmp_path: Path) -> None:
     assert data.stats["exercises"]["verified_records"] == 6 and data.stats["exercises"]["parsed"] == 6
     assert len(data.train_exercises) + len(data.heldout_exercises) == 6 and data.heldout_exercises
     assert len(data.textbooks) == 2 and 0 < len(data.filtered) < len(data.pool) + len(data.heldout_code)
+
+
+@pytest.mark.parametrize("name,docs", [("small", "docs/case_study/results.json"),
+                                       ("tiny", "docs/case_study/tiny/results.json")])
+def test_published_results_match_the_committed_reports(name: str, docs: str) -> None:
+    """The package-data copies (what a Colab install reads) are the reports' own results, byte for byte."""
+    from nanophi.textbook import experiment_report
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = root / "src" / "nanophi" / "textbook" / "results" / f"{name}.json"
+    assert shipped.read_bytes() == (root / docs).read_bytes(), f"copy {docs} to {shipped} after a new run"
+    assert experiment_report.published_results(name) == json.loads((root / docs).read_text())

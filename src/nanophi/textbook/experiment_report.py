@@ -35,6 +35,23 @@ PAPER_TAU = "pruning CodeExercises at τ = 0.95 … 0.8 and retraining: 45.1–5
 HUMANEVAL_STEP = 100 / 164  # one problem, in points
 
 
+PUBLISHED = ("small", "tiny")  # the committed runs, shipped as package data so a pip install (Colab) has them
+
+
+def published_results(name: str = "small") -> dict[str, Any]:
+    """The results.json of a committed case-study run (docs/case_study/, docs/case_study/tiny/), from package data.
+
+    Shipped inside the package because a notebook on Colab has nanophi installed but no checkout of docs/;
+    tests/test_experiment.py keeps these copies byte-identical to the ones beside the reports.
+    """
+    import json
+    from importlib import resources
+
+    if name not in PUBLISHED:
+        raise ValueError(f"no published case-study run {name!r}; choose one of {', '.join(PUBLISHED)}")
+    return json.loads((resources.files("nanophi.textbook") / "results" / f"{name}.json").read_text(encoding="utf-8"))
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 
 def t_quantile(df: int) -> float:
