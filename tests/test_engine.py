@@ -232,3 +232,38 @@ def test_bench_generate_reports_throughput(char: CharTokenizer) -> None:
                             repeats=1, compare_hf=True)
     for key in ("decode_tok_s", "prefill_s", "hf_decode_tok_s", "hf_batch1_decode_tok_s", "speedup_vs_hf"):
         assert result[key] > 0, key
+
+
+def test_a_seeded_row_samples_the_same_alone_or_batched_with_other_settings(char: CharTokenizer) -> None:
+    """Rows with their own temperature/top-k/top-p/seed/penalty share one batch (the server's case), and a seeded
+    row's tokens do not depend on its batch-mates, cached or not, and whichever rows finish first."""
+    from nanophi.generate import Sampling
+
+    engine = Engine(tiny(char.vocab_size), char)
+    prompts = [char.encode(p) for p in ("It was", "The loss went down.\nIt", "s", "worst of small", "went")]
+    settings = [Sampling(0.9, None, None, 7), Sampling(1.3, 5, None, 8), Sampling(0.0),
+                Sampling(0.8, None, 0.7, 9, repetition_penalty=1.3), Sampling(1.0, 12, 0.9, 10)]
+    budgets = [20, 6, 15, 20, 3]
+    together = engine.generate_ids(prompts, budgets, sampling=settings)
+    alone = [engine.generate_ids([p], b, sampling=[s])[0] for p, s, b in zip(prompts, settings, budgets)]
+    assert together == alone and [len(r) for r in together] == budgets
+    assert together == engine.generate_ids(prompts, budgets, sampling=settings, use_cache=False)
+    assert together[2] == engine.generate_ids([prompts[2]], 15, temperature=0)[0]  # the greedy row is greedy
+    # a batch seed s gives row i the seed s + i: n samples of one prompt differ, and row 0 is the seed's own
+    rows = engine.generate_ids([prompts[0]] * 3, 20, temperature=0.9, seed=7)
+    assert rows[0] == together[0] and len({tuple(r) for r in rows}) == 3
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),
+                                        ("--top-p", "nan"), ("--top-p", "1.5"), ("--top-k", "0"),
+                                        ("--repetition-penalty", "nan"), ("--repetition-penalty", "0"),
+                                        ("--max-new-tokens", "0")])
+@pytest.mark.parametrize("command", ["sample", "chat"])
+def test_nonsense_sampling_flags_are_one_line_exit_2(command: str, flag: str, value: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    # checked before the model loads: the path need not even exist
+    assert main([command, str(tmp_path / "no-such-run"), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err, err
+    with pytest.raises(UserError, match="temperature"):
+        Engine(tiny(8), CharTokenizer(list("abcdefgh"))).generate_ids([[1]], 2, temperature=float("nan"))

@@ -154,6 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; higher = more random")
     parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: smallest set with mass p")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 discourages tokens already in the context (Hugging Face's; 1.1-1.3 typical)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     from nanophi.generate import add_engine_arguments
@@ -162,16 +164,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanophi.generate import engine_from_args
+    from nanophi.generate import check_sampling_args, engine_from_args
 
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_sampling_args(args)
     engine = engine_from_args(args)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    repetition_penalty=args.repetition_penalty)
     session = ChatSession(engine, args.system, args.max_new_tokens, sampling)
     if sys.stdin.isatty():
         mode = "chat template" if session.templated else "plain continuation (no chat template)"

@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,7 +37,7 @@ from nanophi.kv_cache import KVCache
 from nanophi.model import GPT
 from nanophi.refs import load_model as load_model_for_inference
 
-__all__ = ["Engine", "TextStream", "bench_generate", "load_model_for_inference", "sample_logits"]
+__all__ = ["Engine", "Sampling", "TextStream", "bench_generate", "load_model_for_inference", "sample_logits"]
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,16 @@ COMPACT_FRACTION = 0.5
 # --quantize choices, CPU decoding: "int8" fbgemm's dynamic int8 (fastest for batches), "int4" weight-only 4-bit
 # `QuantLinear` (fastest for one stream; a Q4_1 GGUF's own codes).
 QUANTIZE = (None, "int8", "int4")
+# torch.Generator seeds are 64-bit: larger (or negative) seeds are taken modulo 2**64.
+SEED_MODULUS = 2**64
+MAX_NUM_SAMPLES = 1024  # `nanophi sample --num-samples`: one batch, so its KV cache must fit in memory
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
     """Hugging Face's `repetition_penalty` (CTRL, Keskar et al. 2019): the logit of every token already in the
     row's context (`seen`, (B, V) bool) is divided by `penalty` when positive and multiplied when negative, so
-    > 1 discourages repeats. Small models loop without it ("Your code is correct." x 40)."""
+    > 1 discourages repeats. Small models loop without it ("Your code is correct." x 40). `penalty` may be a
+    (B, 1) tensor: one per row."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
 
@@ -79,6 +85,103 @@ def sample_logits(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float = 1.0,
+                   prefix: str = "") -> None:
+    """UserError for sampling settings that mean nothing (NaN, inf, out of range). `prefix` is "--" for CLI flags,
+    so the message names what the user typed."""
+    def name(key: str) -> str:
+        return prefix + (key.replace("_", "-") if prefix else key)
+
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"{name('top_k')} must be >= 1, got {top_k}")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise UserError(f"{name('top_p')} must be in (0, 1], got {top_p}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise UserError(f"{name('repetition_penalty')} must be a finite number > 0 (1 = off), got {repetition_penalty}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one row picks its tokens. Rows of one batch may each have their own: they still share every forward
+    pass. A row with a seed draws from its own generator, so its output does not depend on its batch-mates."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None  # taken modulo 2**64
+    repetition_penalty: float = 1.0  # Hugging Face's; 1 = off
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+
+class RowSampler:
+    """Per-row sampling for a batch: temperature, top-k, top-p and repetition penalty as (B, 1) tensors, and one
+    torch.Generator per seeded row (unseeded rows share torch's global one). `keep(rows)` follows the batch when
+    finished rows are dropped."""
+
+    def __init__(self, rows: Sequence[Sampling], device: torch.device) -> None:
+        self.rows = list(rows)
+        f = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)[:, None]  # noqa: E731
+        self.temperature = f([r.temperature for r in self.rows])
+        self.top_p = f([r.top_p if r.top_p is not None else 1.0 for r in self.rows])
+        self.penalty = f([r.repetition_penalty for r in self.rows])
+        self.top_k = torch.tensor([r.top_k or 0 for r in self.rows], dtype=torch.long, device=device)  # 0 = off
+        self.generators = [torch.Generator(device=device).manual_seed(r.seed % SEED_MODULUS)
+                           if r.seed is not None else None for r in self.rows]
+        self.penalized = any(r.repetition_penalty != 1.0 for r in self.rows)
+
+    def keep(self, kept: list[int]) -> None:
+        idx = torch.tensor(kept, dtype=torch.long, device=self.temperature.device)
+        self.rows = [self.rows[j] for j in kept]
+        self.temperature, self.top_p, self.penalty, self.top_k = (
+            self.temperature[idx], self.top_p[idx], self.penalty[idx], self.top_k[idx])
+        self.generators = [self.generators[j] for j in kept]
+
+    def penalize(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        return logits if seen is None else apply_repetition_penalty(logits, seen, self.penalty)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits -> (B,) token ids; greedy rows take the argmax."""
+        ids = logits.argmax(dim=-1)
+        hot = (self.temperature[:, 0] > 0).nonzero()[:, 0].tolist()
+        if not hot:
+            return ids
+        x = logits[hot].float() / self.temperature[hot]
+        V = x.size(-1)
+        k = self.top_k[hot]
+        if bool(((k > 0) & (k < V)).any()):
+            k = torch.where((k > 0) & (k < V), k, V)
+            kth = torch.topk(x, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+            kth = torch.where((k < V)[:, None], kth, float("-inf"))  # rows without top-k keep everything
+            x = x.masked_fill(x < kth, float("-inf"))
+        p = self.top_p[hot]
+        if bool((p < 1).any()):
+            sorted_x, order = torch.sort(x, descending=True, dim=-1)
+            probs = sorted_x.softmax(dim=-1)
+            # drop a token when the tokens before it already reach top_p; the most likely token always stays
+            drop_sorted = ((probs.cumsum(dim=-1) - probs) >= p) & (p < 1)
+            x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+        probs = x.softmax(dim=-1)
+        unseeded = [j for j, r in enumerate(hot) if self.generators[r] is None]
+        if unseeded:
+            ids[[hot[j] for j in unseeded]] = torch.multinomial(probs[unseeded], 1).squeeze(-1)
+        for j, r in enumerate(hot):  # one draw per seeded row from its own generator: batch-independent
+            if self.generators[r] is not None:
+                ids[r] = torch.multinomial(probs[j : j + 1], 1, generator=self.generators[r])[0, 0]
+        return ids
+
+
+def row_sampling(n: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+                 repetition_penalty: float) -> list[Sampling]:
+    """One batch-wide setting as n rows. A batch seed s gives row i the seed s + i: samples of one batch differ,
+    and row i's is the same whatever the batch size."""
+    return [Sampling(temperature, top_k, top_p, None if seed is None else seed + i, repetition_penalty)
+            for i in range(n)]
 
 
 class TextStream:
@@ -156,11 +259,14 @@ class Engine:
         on_token: Callable[[int, list[int]], None] | None = None,
         use_cache: bool = True,
         repetition_penalty: float = 1.0,
+        sampling: Sequence[Sampling] | None = None,
     ) -> list[list[int]]:
         """New token ids for each prompt (prompt excluded, a stop id excluded).
 
         `max_new_tokens` is one budget for all rows or one per row. `should_stop(row, new_ids)` ends a row early
-        (stop strings); `on_token(row, new_ids)` streams."""
+        (stop strings, a client gone); `on_token(row, new_ids)` streams. `sampling` gives each row its own
+        settings (one `Sampling` per prompt) in place of the batch-wide temperature ... repetition_penalty; a
+        batch seed s seeds row i with s + i."""
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(budgets) != len(prompts):
             raise UserError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
@@ -168,24 +274,20 @@ class Engine:
             raise UserError(f"max_new_tokens must be >= 0, got {min(budgets)}")
         if any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token")
-        if temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {temperature}")
-        if repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+        if sampling is None:
+            check_sampling(temperature, top_k, top_p, repetition_penalty)
+            sampling = row_sampling(len(prompts), temperature, top_k, top_p, seed, repetition_penalty)
+        elif len(sampling) != len(prompts):
+            raise UserError(f"{len(sampling)} sampling settings for {len(prompts)} prompts")
         new: list[list[int]] = [[] for _ in prompts]
         if not prompts or max(budgets) == 0:
             return new
-        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         was_training = self.model.training, self.prefill_model.training
         self.model.eval()
         self.prefill_model.eval()
         try:
-            if use_cache:
-                self._decode(prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop, on_token,
-                             repetition_penalty)
-            else:
-                self._decode_uncached(prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop,
-                                      on_token, repetition_penalty)
+            decode = self._decode if use_cache else self._decode_uncached
+            decode(prompts, budgets, new, sampling, stop_ids, should_stop, on_token)
         finally:
             self.model.train(was_training[0])
             self.prefill_model.train(was_training[1])
@@ -208,8 +310,7 @@ class Engine:
             seen[r, torch.tensor(ids, dtype=torch.long, device=self.device)] = True
         return seen
 
-    def _decode(self, prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop, on_token,
-                penalty: float = 1.0) -> None:
+    def _decode(self, prompts, budgets, new, sampling: Sequence[Sampling], stop_ids, should_stop, on_token) -> None:
         def context(i: int, n: int) -> list[int]:  # the last n tokens of row i, prompt and generated
             return (list(prompts[i]) + new[i])[-n:]
 
@@ -218,14 +319,13 @@ class Engine:
         rows = [context(i, keep) for i in live]
         # a cache as long as this batch can use, not the model's whole context (SmolLM2: 8192 x 30 layers)
         cache_len = min(self.block_size, max(map(len, rows)) + max(budgets[i] for i in live))
+        sampler = RowSampler([sampling[i] for i in live], self.device)
         cache, logits = self._prefill(rows, cache_len)
         # the whole prompt counts, as in HF, not only what fits the cache
-        seen = self._seen([list(prompts[i]) for i in live], logits.size(-1)) if penalty != 1.0 else None
+        seen = self._seen([list(prompts[i]) for i in live], logits.size(-1)) if sampler.penalized else None
         finished: set[int] = set()
         while True:
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, penalty)
-            next_ids = sample_logits(logits, temperature, top_k, top_p, gen)
+            next_ids = sampler(sampler.penalize(logits, seen))
             if seen is not None:
                 seen[torch.arange(len(live), device=self.device), next_ids] = True
             for i, tok in zip(live, next_ids.tolist()):
@@ -238,6 +338,7 @@ class Engine:
                 live, finished = [live[j] for j in kept], set()
                 next_ids = next_ids[kept]
                 seen = seen[kept] if seen is not None else None
+                sampler.keep(kept)
                 cache.keep_rows(torch.tensor(kept, device=self.device))
             if cache.free == 0:  # a row reached the context: restart from the last half-context
                 cache, logits = self._prefill([context(i, self.block_size // 2) for i in live], self.block_size)
@@ -258,10 +359,11 @@ class Engine:
             out, _ = self.prefill_model(x, cache=cache)
         return cache, out[:, -1]
 
-    def _decode_uncached(self, prompts, budgets, new, temperature, top_k, top_p, gen, stop_ids, should_stop,
-                         on_token, penalty: float = 1.0) -> None:
+    def _decode_uncached(self, prompts, budgets, new, sampling: Sequence[Sampling], stop_ids, should_stop,
+                         on_token) -> None:
         """nanoGPT's loop, row by row: the whole (cropped) context through the model every step. For tests."""
         live = [i for i, b in enumerate(budgets) if b > 0]
+        sampler = RowSampler([sampling[i] for i in live], self.device)
         while live:
             outs = []
             for i in live:
@@ -270,12 +372,13 @@ class Engine:
                     out, _ = self.model(x)
                 outs.append(out[:, -1])
             logits = torch.cat(outs)
-            if penalty != 1.0:
-                seen = self._seen([list(prompts[i]) + new[i] for i in live], logits.size(-1))
-                logits = apply_repetition_penalty(logits, seen, penalty)
-            next_ids = sample_logits(logits, temperature, top_k, top_p, gen).tolist()
-            live = [i for i, tok in zip(live, next_ids)
+            seen = self._seen([list(prompts[i]) + new[i] for i in live], logits.size(-1)) if sampler.penalized \
+                else None
+            next_ids = sampler(sampler.penalize(logits, seen)).tolist()
+            kept = [j for j, (i, tok) in enumerate(zip(live, next_ids))
                     if not self._accept(i, tok, new, budgets, stop_ids, should_stop, on_token)]
+            live = [live[j] for j in kept]
+            sampler.keep(kept)
 
     # --- text level -----------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -305,14 +408,16 @@ class Engine:
         on_text: Callable[[int, str], None] | None = None,
         stop_at_eos: bool = True,
         repetition_penalty: float = 1.0,
+        sampling: Sequence[Sampling] | None = None,
     ) -> list[str]:
-        """The continuation of each prompt, cut before the first stop string. `on_text(row, delta)` streams."""
+        """The continuation of each prompt, cut before the first stop string. `on_text(row, delta)` streams;
+        `sampling`: one `Sampling` per prompt (see `generate_ids`)."""
         streams = [TextStream(self.tokenizer, stop or (), None if on_text is None else _bind(on_text, i))
                    for i in range(len(prompts))]
         ids = self.generate_ids(self.encode_prompts(prompts), max_new_tokens, temperature, top_k, top_p, seed,
                                 stop_ids=self.stop_ids() if stop_at_eos else None,
                                 should_stop=lambda i, new: streams[i].push(new),
-                                on_token=None, repetition_penalty=repetition_penalty)
+                                on_token=None, repetition_penalty=repetition_penalty, sampling=sampling)
         return [s.finish(r) for s, r in zip(streams, ids)]
 
     def chat(
@@ -674,13 +779,18 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
     return Engine(model, tokenizer, device, _parse_dtype(args.dtype), args.quantize)
 
 
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """sample's and chat's sampling flags, checked before the model loads: NaN, inf and out-of-range values are
+    one line, not a traceback from inside torch."""
+    check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, prefix="--")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_sampling_args(args)
+    if not 1 <= args.num_samples <= MAX_NUM_SAMPLES:
+        raise UserError(f"--num-samples must be from 1 to {MAX_NUM_SAMPLES} (one batch), got {args.num_samples}")
     engine = engine_from_args(args)
     stream = args.num_samples == 1
 
