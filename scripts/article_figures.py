@@ -13,9 +13,14 @@ the offline textbook pipeline on a slice of the standard library, and draws:
     article_health.png     residual-stream scale, attention entropy and dead MLP units per block
     article_attention.png  every head's attention on a prompt, from the baseline's best checkpoint
     article_funnel.png     documents kept by each textbook stage
-    article_figures.json   the numbers behind them (final losses, steps, stage counts)
+    article_figures.json   the numbers behind them (final losses, steps, stage counts, corpus facts)
 
-Runs count steps, not seconds, so a busy machine changes how long this takes, not the figures.
+    python scripts/article_figures.py book.txt --facts-only                            # seconds: no training
+
+`--facts-only` recomputes only the "corpus" and "vocab_cost" entries of article_figures.json (sizes of the
+default corpus and the book, tokens per character of a 512-token BPE, the output head's share of the FLOPs per
+vocabulary size) and keeps the rest. Runs count steps, not seconds, so a busy machine changes how long this takes,
+not the figures. tests/test_article.py checks the article's and the slides' numbers against this file.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ PROMPT = "It is a truth universally"
 POOL_DOCS = 2000
 LABELS = 600
 DPI = 110
+BPE_VOCAB = 512
+# nanoGPT's CPU model (4 layers x 4 heads x 128, context 64) at three vocabulary sizes: a book's characters,
+# an 8192-token BPE and GPT-2's padded 50304
+VOCAB_COST_SIZES = (8192, 50304)
 
 
 def train_run(book: Path, out: Path, recipe: str, extra: list[str]) -> dict[str, Any]:
@@ -105,6 +114,40 @@ def funnel(work: Path) -> tuple[Any, dict[str, int]]:
     return fig, counts
 
 
+def corpus_facts(book: Path) -> dict[str, Any]:
+    """Sizes of the default corpus (the CPython docs) and of `book`, and what a 512-token BPE does to them."""
+    from nanophi.sources import iter_documents, read_text
+    from nanophi.tokenizer import BPETokenizer, CharTokenizer
+
+    pydoc = read_text(None)
+    bpe = BPETokenizer.train([pydoc], vocab_size=BPE_VOCAB)
+    text = read_text(str(book))
+    return {
+        "pydoc": {"articles": sum(1 for _ in iter_documents(None)), "chars": len(pydoc),
+                  "char_vocab": CharTokenizer.train([pydoc]).vocab_size,
+                  "bpe512_vocab": bpe.vocab_size, "bpe512_tokens_per_char": len(bpe.encode(pydoc)) / len(pydoc)},
+        "book": {"chars": len(text), "char_vocab": CharTokenizer.train([text]).vocab_size},
+    }
+
+
+def vocab_cost(char_vocab: int) -> dict[str, Any]:
+    """The output head's share of training FLOPs per token (PaLM's count, GPT.flops_per_token) per vocab size."""
+    from nanophi.model import GPT, GPTConfig
+
+    out = {}
+    for vocab in (char_vocab, *VOCAB_COST_SIZES):
+        model = GPT(GPTConfig(vocab_size=vocab, n_layer=4, n_head=4, n_embd=128, block_size=64))
+        total = model.flops_per_token()
+        head = 6 * model.lm_head.weight.numel()
+        out[str(vocab)] = {"flops_per_token": total, "head_share": head / total}
+    return out
+
+
+def facts(book: Path) -> dict[str, Any]:
+    corpus = corpus_facts(book)
+    return {"corpus": corpus, "vocab_cost": vocab_cost(corpus["book"]["char_vocab"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("book", help="a local text file (the article uses Pride and Prejudice)")
@@ -113,8 +156,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="max_iters of the nanoGPT recipe (its own is 2000; 1000 sees as many tokens as cpu-fast)")
     parser.add_argument("--steps", type=int, default=None, help="override both recipes' max_iters (a quick check)")
     parser.add_argument("--img", default=str(IMG), help="where the figures go (default: docs/img)")
+    parser.add_argument("--facts-only", action="store_true",
+                        help="recompute only the corpus and vocabulary facts in article_figures.json; no training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    img = Path(args.img)
+    numbers_file = img / "article_figures.json"
+    if args.facts_only:
+        numbers = json.loads(numbers_file.read_text()) if numbers_file.is_file() else {}
+        numbers.update(facts(Path(args.book)))
+        img.mkdir(parents=True, exist_ok=True)
+        numbers_file.write_text(json.dumps(numbers, indent=2) + "\n")
+        print(json.dumps(numbers))
+        return 0
     import torch
 
     from nanophi.debug import report
@@ -129,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
         "nanogpt-cpu": train_run(Path(args.book), base, "nanogpt-cpu.toml", ["--debug-interval", "50", *base_steps]),
         "cpu-fast": train_run(Path(args.book), fast, "cpu-fast.toml", ["--eval-interval", "50", *steps]),
     }
-    img = Path(args.img)
     img.mkdir(parents=True, exist_ok=True)
     written = [save(loss_figure({"nanoGPT CPU recipe": base, "cpu-fast recipe": fast}), "article_loss.png", img)]
     metrics = report.read_metrics(base)
@@ -142,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     fig, counts = funnel(runs_dir / "textbook")
     written.append(save(fig, "article_funnel.png", img))
     numbers = {"runs": {k: {"step": v["step"], "best_val_loss": v["best_val_loss"], "tokens_seen": v["tokens_seen"]}
-                        for k, v in summary.items()}, "textbook_funnel": counts}
-    (img / "article_figures.json").write_text(json.dumps(numbers, indent=2) + "\n")
+                        for k, v in summary.items()}, "textbook_funnel": counts, **facts(Path(args.book))}
+    numbers_file.write_text(json.dumps(numbers, indent=2) + "\n")
     for p in written:
         print(p)
     print(json.dumps(numbers))
