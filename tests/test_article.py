@@ -34,7 +34,7 @@ BLOCK = re.compile(
 MIN_WORDS = 3000
 # the last number before a `<!-- = FILE[: EXPR] -->` marker, with an optional K/M/B suffix and a unit in between
 CLAIM = re.compile(
-    r"(?P<sign>[-−])?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?P<suffix>[KMB])?"
+    r"(?P<sign>[-−])?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:e-?\d+)?)(?P<suffix>[KMB])?"
     r"(?:[^\d<]{0,12}?)<!--\s*=\s*(?P<file>[^\s:]+)\s*(?::\s*(?P<expr>.*?))?\s*-->", re.S)
 SUFFIX = {None: 1.0, "K": 1e3, "M": 1e6, "B": 1e9}
 OPS: dict[type, Callable[[float, float], float]] = {
@@ -73,7 +73,8 @@ def claims(doc: Path) -> list[dict]:
     out = []
     for m in CLAIM.finditer(text):
         written = m.group("num").replace(",", "")
-        decimals = len(written.split(".")[1]) if "." in written else 0
+        mantissa, _, exponent = written.partition("e")
+        decimals = (len(mantissa.split(".")[1]) if "." in mantissa else 0) - int(exponent or 0)
         scale = SUFFIX[m.group("suffix")]
         out.append({"text": m.group(0).split("<!--")[0].strip(), "value": float(written) * scale
                     * (-1 if m.group("sign") else 1), "half_ulp": 0.5 * 10 ** -decimals * scale,
@@ -171,10 +172,10 @@ def test_the_number_checker_catches_drift(tmp_path: Path) -> None:
     doc = tmp_path / "doc.md"
     doc.write_text("a 1.388<!-- = R.json: a/b --> b 2.6M<!-- = R.json: n --> params, "
                    "c 50 %<!-- = R.json: {p} * 100 --> d −0.11<!-- = R.json: {a/b} - {q} --> "
-                   "e 4,915,200<!-- = R.json: big --> tokens\n", encoding="utf-8")
-    data = {"a": {"b": 1.38792}, "n": 2566272, "p": 0.4959, "q": 1.5, "big": 4915200}
+                   "e 4,915,200<!-- = R.json: big --> tokens f 3.3e-6<!-- = R.json: tiny -->\n", encoding="utf-8")
+    data = {"a": {"b": 1.38792}, "n": 2566272, "p": 0.4959, "q": 1.5, "big": 4915200, "tiny": 3.34e-6}
     found = claims(doc)
-    assert [c["value"] for c in found] == [1.388, 2.6e6, 50.0, -0.11, 4915200.0]
+    assert [c["value"] for c in found] == [1.388, 2.6e6, 50.0, -0.11, 4915200.0, 3.3e-6]
     for c in found:
         assert abs(evaluate(c["expr"], data) - c["value"]) <= c["half_ulp"] * (1 + 1e-9), c
     assert abs(evaluate("a/b", {"a": {"b": 1.3895}}) - 1.388) > 0.0005  # 1.390 when rounded: caught
