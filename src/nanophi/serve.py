@@ -3,15 +3,21 @@
     GET  /v1/models             the one model served (its name: --model-name, default the reference's name)
     POST /v1/completions        prompt (string, list of strings, or token ids) -> continuation
     POST /v1/chat/completions   messages -> reply, through the tokenizer's chat template
-    GET  /health                liveness, and how many requests the batcher has grouped so far
+    GET  /health                liveness, and the batcher's counters (never needs the API key)
 
 `"stream": true` answers with server-sent events (`data: {...}\\n\\n` ... `data: [DONE]\\n\\n`). Errors are 4xx/5xx
 with OpenAI's body: {"error": {"message", "type", "param", "code"}}.
 
-Requests are queued; one worker thread takes every waiting request with the same sampling settings (up to
---max-batch, after waiting --batch-window-ms for company) and runs them as one Engine batch, so concurrent clients
-share each forward pass. SIGINT/SIGTERM stop accepting connections, let requests in flight finish, and exit 0.
-FastAPI and uvicorn are imported only when the server starts.
+Requests are queued; one worker thread takes up to --max-batch waiting choices (after waiting --batch-window-ms
+for company) and runs them as one Engine batch: each row keeps its own temperature, top_p, top_k and seed, so
+concurrent clients share each forward pass whatever they ask for. A choice whose client has gone (streaming or
+not) is cancelled at its next token.
+
+No request can ask for unbounded work: prompts per request, prompt tokens per request, completions (n x prompts)
+per request, max_tokens and the body size are capped (`Limits`, one flag each), and a full queue answers 429 with
+Retry-After. With --api-key (or $NANOPHI_API_KEY) every endpoint but /health needs `Authorization: Bearer KEY`.
+SIGINT/SIGTERM stop accepting, give requests in flight --shutdown-grace seconds to finish, cancel the rest and
+exit 0; a second signal exits at once. FastAPI and uvicorn are imported only when the server starts.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime, and the
@@ -19,8 +25,10 @@ FastAPI and uvicorn are imported only when the server starts.
 import argparse
 import asyncio
 import collections
+import hmac
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -35,19 +43,43 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256  # when a request does not say
 MAX_TOKENS_LIMIT = 4096  # the most one request may ask for (--max-tokens-limit)
-MAX_N = 8  # choices per request
+MAX_N = 8  # choices per prompt
 MAX_STOPS = 4  # OpenAI's limit on stop strings
 TEMPERATURE_RANGE = (0.0, 2.0)
+REPETITION_PENALTY_RANGE = (0.01, 10.0)  # vLLM's extension; 1 = off
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "best_of")
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+API_KEY_ENV = "NANOPHI_API_KEY"
+OPEN_PATHS = ("/health",)  # answered without the API key (load balancers, liveness probes)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; each is a `nanophi serve` flag. Checked before any tokenization, so an
+    oversized request costs a JSON parse at most, and the body size bounds that."""
+
+    max_prompts: int = 128  # prompts in one /v1/completions request
+    max_prompt_tokens: int = 65536  # prompt tokens in one request, all prompts together (each counted once)
+    max_completions: int = 128  # n x prompts: the rows one request adds to the queue
+    max_tokens: int = MAX_TOKENS_LIMIT  # the largest max_tokens a request may ask for
+    max_body_bytes: int = 8 * 2**20  # request body (413 beyond it, from Content-Length or while reading)
+    max_queue: int = 512  # choices waiting for a batch; a request that would overflow it gets 429
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
 
 
 class APIError(Exception):
     """A request the server refuses, with the status and OpenAI error fields to send back."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -60,7 +92,7 @@ class Job:
 
     prompt_ids: list[int]
     max_tokens: int
-    sampling: tuple[float, int | None, float | None, int | None]  # temperature, top_k, top_p, seed
+    sampling: Any  # nanophi.generate.Sampling: this row's own temperature, top_k, top_p, seed, penalty
     stops: list[str]
     on_delta: Callable[[str], None] | None  # streaming: called from the worker thread
     on_done: Callable[[str, str, int, BaseException | None], None]  # text, finish_reason, tokens, error
@@ -68,50 +100,82 @@ class Job:
 
 
 class Batcher:
-    """A queue of Jobs and one thread that runs them in Engine batches of equal sampling settings."""
+    """A queue of Jobs and one thread that runs them in Engine batches (rows with different sampling settings
+    share a batch: the Engine samples each row with its own)."""
 
-    def __init__(self, engine: Any, max_batch: int = 16, window_s: float = 0.01) -> None:
-        self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
+    def __init__(self, engine: Any, max_batch: int = 16, window_s: float = 0.01, max_queue: int = 512) -> None:
+        self.engine, self.max_batch, self.window_s, self.max_queue = engine, max_batch, window_s, max_queue
         self.queue: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
         self.cond = threading.Condition()
-        self.closing = False
-        self.stats = {"requests": 0, "batches": 0, "max_batch": 0}
+        self.accepting, self.stopped = True, False
+        self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "queued": 0, "completion_tokens": 0,
+                      "cancelled": 0, "refused_busy": 0}
         self.thread = threading.Thread(target=self._loop, name="nanophi-batcher", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue all of a request's choices, or none (429 when the queue cannot take them all)."""
         with self.cond:
-            if self.closing:
+            if not self.accepting:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-            self.queue.append(job)
+            if len(self.queue) + len(jobs) > self.max_queue:
+                self.stats["refused_busy"] += 1
+                raise APIError(429, f"the server is busy ({len(self.queue)} choices queued, at most "
+                               f"{self.max_queue}); retry after {RETRY_AFTER_S} s", type="requests",
+                               code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
+            self.queue.extend(jobs)
             self.stats["requests"] += 1
+            self.stats["queued"] = len(self.queue)
             self.cond.notify()
 
-    def close(self) -> None:
-        """Finish what is queued, then stop the thread."""
+    def stop_accepting(self) -> None:
+        """Shutdown, first step: new requests get 503; what is queued still runs."""
         with self.cond:
-            self.closing = True
+            self.accepting = False
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Shutdown, last step: cancel what is queued or running, then stop the thread (bounded: a running batch
+        ends at its next token)."""
+        with self.cond:
+            self.accepting, self.stopped = False, True
+            dropped = list(self.queue)
+            self.queue.clear()
+            for job in [*dropped, *self.running]:
+                job.cancelled.set()
             self.cond.notify()
-        self.thread.join()
+        gone = APIError(503, "the server shut down before this request ran", type="server_error",
+                        code="shutting_down")
+        for job in dropped:
+            job.on_done("", "cancelled", 0, gone)
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
 
     def _take(self) -> list[Job] | None:
         with self.cond:
-            while not self.queue and not self.closing:
+            while not self.queue and not self.stopped:
                 self.cond.wait()
-            if not self.queue:
+            if self.stopped:
                 return None
         time.sleep(self.window_s)  # let concurrent requests arrive and join this batch
         with self.cond:
-            key = self.queue[0].sampling
-            batch = [j for j in self.queue if j.sampling == key][: self.max_batch]
-            for j in batch:
-                self.queue.remove(j)
+            batch: list[Job] = []
+            while self.queue and len(batch) < self.max_batch:
+                job = self.queue.popleft()
+                if job.cancelled.is_set():  # its client left while it waited: never compute it
+                    self.stats["cancelled"] += 1
+                    continue
+                batch.append(job)
+            self.running = batch
+            self.stats["queued"] = len(self.queue)
         return batch
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
+            if not batch:
+                continue
             self.stats["batches"] += 1
             self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
             try:
@@ -120,19 +184,25 @@ class Batcher:
                 log.exception("generation failed")
                 for job in batch:
                     job.on_done("", "error", 0, e)
+            finally:
+                with self.cond:
+                    self.running = []
 
     def _run(self, batch: list[Job]) -> None:
         from nanophi.generate import TextStream
 
         streams = [TextStream(self.engine.tokenizer, j.stops, j.on_delta) for j in batch]
-        temperature, top_k, top_p, seed = batch[0].sampling
 
         def should_stop(i: int, ids: list[int]) -> bool:
             return streams[i].push(ids) or batch[i].cancelled.is_set()
 
-        ids = self.engine.generate_ids([j.prompt_ids for j in batch], [j.max_tokens for j in batch], temperature,
-                                       top_k, top_p, seed, stop_ids=self.engine.stop_ids(), should_stop=should_stop)
+        ids = self.engine.generate_ids([j.prompt_ids for j in batch], [j.max_tokens for j in batch],
+                                       sampling=[j.sampling for j in batch], stop_ids=self.engine.stop_ids(),
+                                       should_stop=should_stop)
         for job, stream, new in zip(batch, streams, ids):
+            self.stats["completion_tokens"] += len(new)
+            if job.cancelled.is_set():
+                self.stats["cancelled"] += 1
             text = stream.finish(new)
             finish = "length" if len(new) >= job.max_tokens and not stream.stopped else "stop"
             job.on_done(text, finish, len(new), None)
@@ -143,13 +213,16 @@ class Batcher:
 class Request:
     prompts: list[list[int]]  # one per choice (n copies of each prompt)
     max_tokens: int
-    sampling: tuple[float, int | None, float | None, int | None]
+    sampling: list[Any]  # one nanophi.generate.Sampling per choice
     stops: list[str]
     stream: bool
 
 
-def parse_request(body: Any, kind: str, engine: Any, model_name: str, max_tokens_limit: int) -> Request:
-    """Validate an OpenAI request body; APIError (4xx) on anything the server cannot honour."""
+def parse_request(body: Any, kind: str, engine: Any, model_name: str, limits: Limits = Limits()) -> Request:
+    """Validate an OpenAI request body; APIError (4xx) on anything the server cannot honour. Counts are checked
+    before anything is tokenized, and tokenizing stops as soon as the request is over its token budget."""
+    from nanophi.generate import Sampling
+
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -166,35 +239,47 @@ def parse_request(body: Any, kind: str, engine: Any, model_name: str, max_tokens
         if body.get(key) not in (None, 0, 0.0):
             raise APIError(400, f"'{key}' is not supported by nanophi serve (use 0)", param=key,
                            code="unsupported_parameter")
-    tokenizer = engine.tokenizer
+    n = _int(body, "n", 1, 1, MAX_N)
+    prompt_param = "messages" if kind == "chat" else "prompt"
     if kind == "chat":
-        texts = [_render_chat(body.get("messages"), tokenizer)]
+        texts: list[str | list[int]] = [_render_chat(body.get("messages"), engine.tokenizer)]
     else:
-        texts = _prompts(body.get("prompt"))
-    try:
-        prompts = [t if isinstance(t, list) else engine.encode_prompts([t])[0] for t in texts]
-    except UserError as e:  # e.g. a character a char-level model has never seen
-        raise APIError(400, f"cannot tokenize the prompt: {e}", param="messages" if kind == "chat" else "prompt")
+        texts = _prompts(body.get("prompt"), limits.max_prompts)
+    if len(texts) * n > limits.max_completions:
+        raise APIError(400, f"{len(texts)} prompts x n={n} asks for {len(texts) * n} completions; this server "
+                       f"allows {limits.max_completions} per request (--max-completions)", param="n",
+                       code="too_many_completions")
     vocab = engine.model.config.vocab_size
     limit = engine.block_size - 1
-    for p in prompts:
-        if any(not 0 <= t < vocab for t in p):
+    prompts, total = [], 0
+    for t in texts:
+        try:
+            p = t if isinstance(t, list) else engine.encode_prompts([t])[0]
+        except UserError as e:  # e.g. a character a char-level model has never seen
+            raise APIError(400, f"cannot tokenize the prompt: {e}", param=prompt_param) from None
+        total += len(p)
+        if total > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompts have more than {limits.max_prompt_tokens} tokens together, the most "
+                           "one request may send (--max-prompt-tokens); send fewer per request",
+                           param=prompt_param, code="too_many_tokens")
+        if any(not 0 <= x < vocab for x in p):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
         if len(p) > limit:
             raise APIError(400, f"the prompt has {len(p)} tokens; this model's context holds {engine.block_size}, "
-                           f"so a prompt may have at most {limit}", param="messages" if kind == "chat" else "prompt",
+                           f"so a prompt may have at most {limit}", param=prompt_param,
                            code="context_length_exceeded")
+        prompts.append(p)
     max_key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
         else "max_tokens"
-    max_tokens = _int(body, max_key, DEFAULT_MAX_TOKENS, 1, max_tokens_limit)
-    n = _int(body, "n", 1, 1, MAX_N)
+    max_tokens = _int(body, max_key, min(DEFAULT_MAX_TOKENS, limits.max_tokens), 1, limits.max_tokens)
     temperature = _number(body, "temperature", 1.0, *TEMPERATURE_RANGE)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
         raise APIError(400, "'top_p' must be > 0", param="top_p")
-    top_k = body.get("top_k")  # not OpenAI's, but vLLM and llama.cpp accept it
+    top_k = body.get("top_k")  # not OpenAI's, but vLLM and llama.cpp accept it (so does repetition_penalty)
     if top_k is not None:
         top_k = _int(body, "top_k", None, 1, vocab)
+    penalty = _number(body, "repetition_penalty", 1.0, *REPETITION_PENALTY_RANGE)
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise APIError(400, "'seed' must be an integer", param="seed")
@@ -207,11 +292,14 @@ def parse_request(body: Any, kind: str, engine: Any, model_name: str, max_tokens
         raise APIError(400, "'stream' must be true or false", param="stream")
     if stream and len(prompts) * n > 1:
         raise APIError(400, "streaming serves one prompt with n=1", param="stream")
-    sampling = (0.0, None, None, None) if temperature == 0 else (temperature, top_k, top_p, seed)
+    # choice i draws with seed + i: the n choices differ, and each is the same alone or batched with others
+    sampling = [Sampling(temperature, top_k, top_p if top_p < 1 else None,
+                         None if seed is None or temperature == 0 else seed + i, penalty)
+                for i in range(len(prompts) * n)]
     return Request([p for p in prompts for _ in range(n)], max_tokens, sampling, stops, stream)
 
 
-def _prompts(prompt: Any) -> list[str | list[int]]:
+def _prompts(prompt: Any, max_prompts: int) -> list[str | list[int]]:
     def token_list(x: Any) -> bool:
         return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
@@ -219,6 +307,9 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
         return [prompt]
     if token_list(prompt):
         return [prompt]
+    if isinstance(prompt, list) and len(prompt) > max_prompts:  # before looking at a million of them
+        raise APIError(400, f"'prompt' lists {len(prompt)} prompts; this server takes at most {max_prompts} per "
+                       "request (--max-prompts)", param="prompt", code="too_many_prompts")
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) or token_list(p) for p in prompt):
         return list(prompt)
     raise APIError(400, "'prompt' must be a string, a list of strings, or a list of token ids", param="prompt")
@@ -267,30 +358,76 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float
 
 
 # --- the app -------------------------------------------------------------------------------------------------
+class RequireAPIKey:
+    """ASGI middleware: every HTTP path but OPEN_PATHS needs `Authorization: Bearer KEY` (what the openai client
+    sends for `api_key=`); 401 in OpenAI's error shape otherwise. Pure ASGI, so streaming and disconnect
+    detection pass through untouched."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):  # constant time: the key cannot be guessed byte by byte
+            return await self.app(scope, receive, send)
+        message = "Incorrect API key provided" if given else \
+            "You didn't provide an API key: send 'Authorization: Bearer KEY'"
+        body = json.dumps(APIError(401, message, code="invalid_api_key").body()).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(request: Any, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to be too big: from Content-Length before
+    reading anything, else while reading (a chunked upload), so a 50 MB body is never held in memory."""
+    too_big = APIError(413, f"the request body is larger than {max_bytes} bytes, the most this server accepts "
+                       "(--max-body-bytes)", code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_ms: float = 10.0,
-               max_tokens_limit: int = MAX_TOKENS_LIMIT) -> Any:
-    """The FastAPI app serving `engine` as `model_name`."""
+               max_tokens_limit: int = MAX_TOKENS_LIMIT, limits: Limits | None = None,
+               api_key: str | None = None) -> Any:
+    """The FastAPI app serving `engine` as `model_name`. `limits` bounds each request (default: `Limits()` with
+    `max_tokens_limit`); with `api_key`, every endpoint but /health needs it."""
     import contextlib
 
     from fastapi import FastAPI, Request as HTTPRequest
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
-    batcher = Batcher(engine, max_batch, batch_window_ms / 1000)
+    limits = limits or Limits(max_tokens=max_tokens_limit)
+    batcher = Batcher(engine, max_batch, batch_window_ms / 1000, limits.max_queue)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
         batcher.start()
         yield
-        batcher.close()  # uvicorn has already waited for requests in flight
+        batcher.close()  # uvicorn has waited for requests in flight (up to its graceful timeout)
 
     app = FastAPI(title="nanophi", lifespan=lifespan)
     app.state.batcher = batcher
+    if api_key:
+        app.add_middleware(RequireAPIKey, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, exc: APIError) -> Any:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: HTTPRequest, exc: StarletteHTTPException) -> Any:
@@ -299,7 +436,7 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", **batcher.stats}
+        return {"status": "ok" if batcher.accepting else "shutting_down", **batcher.stats}
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "nanophi"}
@@ -314,12 +451,20 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
             raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
         return model_card()
 
-    async def handle(request: HTTPRequest, kind: str) -> Any:
+    def parse(raw: bytes, kind: str) -> Request:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
-        req = parse_request(body, kind, engine, model_name, max_tokens_limit)
+        return parse_request(body, kind, engine, model_name, limits)
+
+    async def handle(request: HTTPRequest, kind: str) -> Any:
+        try:
+            raw = await read_body(request, limits.max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is there to read it
+        # parsing and tokenizing run off the event loop: a big (but allowed) request does not stall the others
+        req = await asyncio.to_thread(parse, raw, kind)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if kind == "chat" else "text_completion"
         loop = asyncio.get_running_loop()
@@ -328,20 +473,40 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
         def post(item: tuple) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        jobs = [Job(p, req.max_tokens, req.sampling, req.stops,
+        jobs = [Job(p, req.max_tokens, s, req.stops,
                     (lambda d, i=i: post(("delta", i, d))) if req.stream else None,
                     lambda text, finish, n, err, i=i: post(("done", i, (text, finish, n, err))))
-                for i, p in enumerate(req.prompts)]
-        for job in jobs:
-            batcher.submit(job)
+                for i, (p, s) in enumerate(zip(req.prompts, req.sampling))]
+        batcher.submit(jobs)
         usage_prompt = sum(len(p) for p in req.prompts)
+
+        def cancel() -> None:
+            for job in jobs:
+                job.cancelled.set()
+
         if not req.stream:
+            async def watch() -> None:  # a client that hangs up is seen within DISCONNECT_POLL_S
+                while not await request.is_disconnected():
+                    await asyncio.sleep(DISCONNECT_POLL_S)
+                events.put_nowait(("gone", -1, None))
+
+            watcher = asyncio.ensure_future(watch())
             results: dict[int, tuple] = {}
-            while len(results) < len(jobs):
-                _, i, payload = await events.get()
-                results[i] = payload
+            try:
+                while len(results) < len(jobs):
+                    what, i, payload = await events.get()
+                    if what == "gone":
+                        cancel()
+                        return Response(status_code=400)  # never sent: the connection is closed
+                    results[i] = payload
+            finally:  # also when uvicorn cancels this task at the end of the shutdown grace
+                watcher.cancel()
+                if len(results) < len(jobs):
+                    cancel()
             errors = [r[3] for r in results.values() if r[3] is not None]
             if errors:
+                if isinstance(errors[0], APIError):
+                    raise errors[0]
                 raise APIError(500, f"generation failed: {errors[0]!r}", type="server_error")
             choices = []
             for i in range(len(jobs)):
@@ -378,15 +543,15 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
                         continue
                     text, finish, _, err = payload
                     if err is not None:
-                        failure = APIError(500, f"generation failed: {err!r}", type="server_error")
+                        failure = err if isinstance(err, APIError) else \
+                            APIError(500, f"generation failed: {err!r}", type="server_error")
                         yield f"data: {json.dumps(failure.body())}\n\n"
                     else:
                         yield chunk(None, finish)
                     yield "data: [DONE]\n\n"
                     return
             finally:
-                for job in jobs:  # the client went away: stop generating for it
-                    job.cancelled.set()
+                cancel()  # the client went away (Starlette cancels the stream): stop generating for it
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -403,15 +568,30 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
 
 # --- CLI -----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Limits()
     parser.add_argument("model", help="run directory, checkpoint, GGUF file, HF directory or alias")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument("--model-name", default=None, help="the name clients ask for (default: the model's name)")
-    parser.add_argument("--max-batch", type=int, default=16, help="most requests generated together")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
+                             f"${API_KEY_ENV}; none: no authentication)")
+    parser.add_argument("--max-batch", type=int, default=16, help="most choices generated together")
     parser.add_argument("--batch-window-ms", type=float, default=10.0,
                         help="how long a request waits for others to share its batch")
-    parser.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT,
+    parser.add_argument("--max-tokens-limit", type=int, default=d.max_tokens,
                         help="the largest max_tokens a request may ask for")
+    parser.add_argument("--max-prompts", type=int, default=d.max_prompts, help="most prompts in one request")
+    parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                        help="most prompt tokens in one request, all prompts together")
+    parser.add_argument("--max-completions", type=int, default=d.max_completions,
+                        help="most completions (n x prompts) in one request")
+    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                        help="largest request body (413 beyond it)")
+    parser.add_argument("--max-queue", type=int, default=d.max_queue,
+                        help="most choices waiting for a batch (429 with Retry-After beyond it)")
+    parser.add_argument("--shutdown-grace", type=float, default=30.0,
+                        help="seconds SIGTERM/SIGINT gives requests in flight before cancelling them")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     from nanophi.generate import add_engine_arguments
 
@@ -427,22 +607,47 @@ def default_model_name(ref: str) -> str:
     return ref
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
+    import math
+
     import uvicorn
 
     from nanophi.generate import engine_from_args
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be from 1 to 65535, got {args.port}")
-    if args.max_batch < 1 or args.max_tokens_limit < 1 or args.batch_window_ms < 0:
-        raise UserError("--max-batch and --max-tokens-limit must be >= 1, --batch-window-ms >= 0")
+    if args.max_batch < 1 or not (math.isfinite(args.batch_window_ms) and args.batch_window_ms >= 0):
+        raise UserError("--max-batch must be >= 1 and --batch-window-ms a finite number >= 0")
+    if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
+        raise UserError(f"--shutdown-grace must be a finite number of seconds >= 0, got {args.shutdown_grace}")
+    limits = Limits(args.max_prompts, args.max_prompt_tokens, args.max_completions, args.max_tokens_limit,
+                    args.max_body_bytes, args.max_queue)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and (not api_key or any(c.isspace() for c in api_key) or not api_key.isprintable()):
+        raise UserError("--api-key must be non-empty printable text without spaces")
     _check_port_free(args.host, args.port)
     engine = engine_from_args(args)
     name = args.model_name or default_model_name(args.model)
-    app = create_app(engine, name, args.max_batch, args.batch_window_ms, args.max_tokens_limit)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
-    server = uvicorn.Server(config)
-    log.info(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops after requests in flight)")
+    app = create_app(engine, name, args.max_batch, args.batch_window_ms, limits=limits, api_key=api_key)
+    if not api_key and not is_loopback(args.host):
+        log.warning(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use "
+                    f"it; set --api-key or ${API_KEY_ENV}")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.shutdown_grace)
+    server = _server_class()(config, app.state.batcher)
+    log.info(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C: finish requests in flight within "
+             f"{args.shutdown_grace:g} s; twice: exit now)")
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the handler it found:
     # a no-op one, so a clean shutdown exits 0 instead of dying of the signal.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -452,6 +657,27 @@ def run(args: argparse.Namespace) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server with nanophi's shutdown: the first signal stops the batcher taking new requests and
+        starts uvicorn's bounded graceful shutdown; a second one (SIGTERM or SIGINT) exits at once."""
+
+        def __init__(self, config: Any, batcher: Batcher) -> None:
+            super().__init__(config)
+            self.batcher = batcher
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:  # a signal handler: no logging machinery, no traceback, no cleanup
+                os.write(2, f"nanophi serve: {signal.Signals(sig).name} again, exiting now\n".encode())
+                os._exit(128 + sig)
+            self.batcher.stop_accepting()
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 def _check_port_free(host: str, port: int) -> None:
