@@ -13,6 +13,9 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -123,7 +126,9 @@ def check_hostile(result: sandbox.SandboxResult, expected: set[str], bystander: 
     assert bystander.poll() is None, "a sandboxed program killed a process outside the sandbox"
     assert result.sandbox_id and sandbox_processes(result) == [], "processes survived the sandbox"
     assert result.duration_s < HOSTILE_TIMEOUT_S + 1.5
-    assert result.workdir and not os.path.exists(result.workdir), "the work directory was not removed"
+    # With a mount namespace the work dir is the namespace's own tmpfs and never exists on the host.
+    assert bool(result.workdir) == ("private-tmp" not in result.protections)
+    assert not result.workdir or not os.path.exists(result.workdir), "the work directory was not removed"
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
@@ -231,7 +236,7 @@ def test_memory_is_capped_for_all_processes_together(bystander: subprocess.Popen
     result = run_program(code, timeout=3.0, memory_mb=HOSTILE_MEMORY_MB)
     assert result.status == "passed" and int(result.stdout.split()[1]) >= 3, (result.stdout, result.reason)
     assert "killed for memory" in result.reason
-    assert bystander.poll() is None and sandbox_processes(result) == [] and not os.path.exists(result.workdir)
+    assert bystander.poll() is None and sandbox_processes(result) == []
     leftover = [p for p in Path("/sys/fs/cgroup").rglob("nanophi-sandbox-*") if p.is_dir()]
     assert leftover == [], "cgroups were not removed"
 
@@ -274,11 +279,118 @@ print(json.dumps(out))
 def test_cli_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     program = tmp_path / "p.py"
     program.write_text("import sys\nprint('hi')\nsys.exit(4)\n")
-    assert main(["sandbox", "run", str(program), "--json", "--timeout", "2"]) == 0  # the sandbox worked
+    assert main(["sandbox", "run", str(program), "--json", "--timeout", "2"]) == 4  # the program's own code
     result = json.loads(capsys.readouterr().out)
     assert (result["status"], result["returncode"], result["stdout"]) == ("failed", 4, "hi\n")
-    assert main(["sandbox", "run", str(program)]) == 0
+    assert main(["sandbox", "run", str(program)]) == 4
     assert capsys.readouterr().out.startswith("failed: exit code 4")
     assert main(["sandbox", "run", str(tmp_path / "missing.py")]) == 2
     assert main(["sandbox", "info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == sandbox.detect_protections()
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("print('ok')\n", 0),
+    ("raise SystemExit(3)\n", 3),
+    ("raise ValueError('boom')\n", 1),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n", 128 + 11),
+    ("import time\ntime.sleep(60)\n", sandbox.EXIT_TIMEOUT),
+])
+def test_cli_run_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str], code: str, expected: int) -> None:
+    """The exit status says how the program ended (documented in `sandbox run --help`); the JSON stays."""
+    program = tmp_path / "p.py"
+    program.write_text(code)
+    assert main(["sandbox", "run", str(program), "--json", "--timeout", "1.5"]) == expected
+    assert json.loads(capsys.readouterr().out)["status"] == {0: "passed", sandbox.EXIT_TIMEOUT: "timeout"}.get(
+        expected, "failed")
+
+
+def test_cli_run_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["sandbox", "run", "--help"])
+    help_text = capsys.readouterr().out
+    assert "124" in help_text and "125" in help_text and "128+N" in help_text
+
+
+@pytest.mark.parametrize("flags", [
+    ["--timeout", "nan"], ["--timeout", "inf"], ["--timeout", "-1"], ["--timeout", "0"], ["--timeout", "1e9"],
+    ["--memory", "0"], ["--memory", "-5"], ["--memory", str(1 << 40)],
+])
+def test_cli_run_bad_values(tmp_path: Path, flags: list[str]) -> None:
+    """Nonsense limits: one line on stderr, exit 2, no traceback (a real `nanophi` process)."""
+    program = tmp_path / "p.py"
+    program.write_text("print(1)\n")
+    proc = subprocess.run([sys.executable, "-m", "nanophi", "sandbox", "run", str(program), *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_cli_run_on_a_directory(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "nanophi", "sandbox", "run", str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "is a directory" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+# A process that runs one long-sleeping sandboxed program (which also forks a child that leaves its group), in the
+# given mode, and says when the program is running.
+OWNER = """
+import sys, time
+sys.path.insert(0, {src!r})
+from nanophi import sandbox
+mode = sandbox._active_mode() if {mode!r} == "active" else sandbox._mode("plain")
+program = "import os, time\\nif os.fork() == 0:\\n    os.setsid()\\ntime.sleep(1000)\\n"
+sandbox._execute(program, mode=mode, timeout=60, memory_mb=256, max_output=1000, files=None)
+"""
+
+
+def _left_by(pid: int) -> tuple[list[str], list[str], list[int]]:
+    """(work dirs, cgroups, live processes) of the sandbox runs of process `pid`."""
+    prefix = f"{sandbox.SANDBOX_PREFIX}{pid}."
+    dirs = [str(p) for base in {Path(tempfile.gettempdir()), Path("/tmp")} for p in base.glob(prefix + "*")]
+    cgroups = [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{prefix}*")] + [
+        str(p) for p in Path("/sys/fs/cgroup").glob(f"{prefix}*")]
+    ids = {Path(name).name[len(prefix):].split(".")[1].split("-")[0] for name in dirs + cgroups}
+    procs = [p for i in ids for p in sandbox._processes_with_marker(i)]
+    return dirs, cgroups, procs
+
+
+@pytest.mark.parametrize("mode", ["active", "plain"])
+def test_sigkill_of_the_caller_leaves_nothing(mode: str) -> None:
+    """SIGKILL the process running a sandbox: no finally clause runs. The kernel takes the program down at once
+    (parent-death signal; PID 1 of the namespace), and the next run removes the work dir and cgroups left."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER.format(src=str(SRC_DIR), mode=mode)])
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until the program (and its forked child) run
+            dirs, cgroups, procs = _left_by(owner.pid)
+            if len(procs) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(procs) >= 2, "the sandboxed program never started"
+    finally:
+        owner.kill()
+        owner.wait()
+    if mode == "active" and "pid-namespace" in sandbox.detect_protections():
+        deadline = time.monotonic() + 5  # well inside the 60 s timeout and its watchdog: the kernel did it
+        while _left_by(owner.pid)[2] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _left_by(owner.pid)[2] == [], "the program outlived its caller"
+        assert _left_by(owner.pid)[0] == [], "a host work dir was used although the run had a private tmpfs"
+    assert run_program("print('next')\n").stdout == "next\n"  # the next run reaps what is stale
+    assert _left_by(owner.pid) == ([], [], [])
+
+
+def test_reap_stale_spares_live_owners(tmp_path: Path) -> None:
+    """A work dir of a live process (this one), or of one whose pid was reused, is judged by the start time."""
+    mine = Path(tempfile.mkdtemp(prefix=f"{sandbox.SANDBOX_PREFIX}{sandbox._owner_tag()}.{'0' * 16}-"))
+    pid, start = sandbox._owner_tag().split(".")
+    reused = Path(tempfile.mkdtemp(prefix=f"{sandbox.SANDBOX_PREFIX}{pid}.{int(start) + 1}.{'1' * 16}-"))
+    other = Path(tempfile.mkdtemp(prefix="nanophi-sandbox-notarun-"))  # not our naming: never touched
+    try:
+        reaped = sandbox.reap_stale()
+        assert mine.exists() and not reused.exists() and other.exists()
+        assert str(reused) in reaped
+    finally:
+        for d in (mine, reused, other):
+            shutil.rmtree(d, ignore_errors=True)

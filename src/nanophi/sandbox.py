@@ -36,6 +36,7 @@ import logging
 import marshal
 import math
 import os
+import re
 import secrets
 import select
 import shutil
@@ -65,6 +66,10 @@ CPU_GRACE_S = 1  # RLIMIT_CPU = timeout + this, so a busy loop normally meets th
 WATCHDOG_GRACE_S = 2  # the bootstrap kills its own namespace this long after the timeout, even if we died
 KILL_ROUNDS = 20  # leftover hunting repeats until nothing is found, at most this many times
 SANDBOX_ID_VAR = "NANOPHI_SANDBOX_ID"
+# Work dirs and cgroups are named PREFIX + "<owner pid>.<owner start time>.<sandbox id>", so a later run can tell
+# the ones whose owner is dead (killed with SIGKILL, which no finally clause survives) and remove them.
+SANDBOX_PREFIX = "nanophi-sandbox-"
+STALE_NAME = re.compile(r"nanophi-sandbox-(?:probe-)?(\d+)\.(\d+)\.([0-9a-f]+)(?:-|$)")
 PROGRAM_NAME = "program.py"
 TRUNCATION_MARKER = "\n... [nanophi sandbox: {n} bytes truncated] ...\n"
 # Unprivileged uids are drawn per run from a range no distribution hands out to real users.
@@ -74,6 +79,12 @@ SAFE_PATH = "/usr/bin:/bin"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 NAMESPACE_PROGRAM_DIR = "/tmp"  # inside the mount namespace the program's tmpfs hides the host's /tmp
 PROBE_TIMEOUT_S = 10.0
+MAX_TIMEOUT_S = 86_400.0  # a day: beyond it a limit is a typo, and RLIMIT_CPU and the alarm need finite seconds
+MAX_MEMORY_MB = 1 << 20  # 1 TiB: RLIMIT_AS must fit the kernel's rlim_t
+# `nanophi sandbox run` exit codes beyond the program's own, as coreutils `timeout` has them.
+EXIT_TIMEOUT = 124
+EXIT_SANDBOX_ERROR = 125
+EXIT_SIGNAL_BASE = 128  # killed by signal N: 128 + N, as a shell reports it
 UNSHARE_FLAGS = ("--pid", "--fork", "--kill-child", "--net", "--mount", "--mount-proc")
 
 
@@ -91,7 +102,7 @@ class SandboxResult:
     protections: list[str] = field(default_factory=list)
     sandbox_id: str = ""  # the marker in the program's environment, for audits and leftover hunts
     uid: int | None = None  # the unprivileged uid it ran as, when one was used
-    workdir: str = ""  # the temporary work directory it ran in (removed by the time you read this)
+    workdir: str = ""  # the host work dir it ran in, removed by now ("": it ran on its namespace's own tmpfs)
 
     @property
     def passed(self) -> bool:
@@ -101,20 +112,22 @@ class SandboxResult:
         return asdict(self)
 
 
-# The bootstrap runs as `python -I -S -c BOOTSTRAP CONFIG` (CONFIG: a marshalled dict, in hex), as root inside
-# the new namespaces (or directly, without them). It is stdlib-only and self-contained because it runs before any
+# The bootstrap runs as `python -I -S -c BOOTSTRAP FD` (FD: an unnamed temporary file holding the marshalled
+# config, and with a mount namespace the program's files too), as root inside the new namespaces (or directly,
+# without them). It is stdlib-only and self-contained because it runs before any
 # privilege is dropped and must not import nanophi. It reports on `status_fd`, one "key value" line each:
 # "returncode N" (the program's real exit status, -N for signal N), "error ..." when the sandbox itself failed
 # (so a setup failure is never mistaken for a failing program), "watchdog 1" when it timed itself out.
 BOOTSTRAP = r'''
 import ctypes, marshal, os, resource, signal, sys
 
-cfg = marshal.loads(bytes.fromhex(sys.argv[1]))  # marshal: no import cost, unlike json
+with os.fdopen(int(sys.argv[1]), "rb") as config_file:  # closed here: the program must not see it
+    cfg = marshal.load(config_file)  # marshal: no import cost, unlike json
 status_fd = cfg["status_fd"]
 os.set_inheritable(status_fd, False)  # the program must not see it
 libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 
 
 def report(key, value):
@@ -133,16 +146,11 @@ def mount(source, target, fstype, flags, data):
 
 
 def isolate_filesystem():
-    # The parent wrote the program into the work dir; read it back, mount a capped tmpfs owned by the sandbox
-    # uid on the program dir (/tmp: this hides the host's /tmp too), and put the files there. Then every other
-    # mount becomes read-only and nosuid.
-    workdir, home, uid, gid = cfg["workdir"], cfg["program_dir"], cfg["uid"], cfg["gid"]
-    files = {}
-    for root, _, names in os.walk(workdir):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, workdir)] = f.read()
+    # The program's files came in the config, never touching the host's disk: mount a capped tmpfs owned by the
+    # sandbox uid on the program dir (/tmp: this hides the host's /tmp too) and put them there. The tmpfs lives
+    # exactly as long as the mount namespace, so nothing is left behind even if every process of ours is killed.
+    # Then every other mount becomes read-only and nosuid.
+    files, home, uid, gid = cfg["files"], cfg["program_dir"], cfg["uid"], cfg["gid"]
     owner = "" if uid is None else ",uid=%d,gid=%d" % (uid, gid)
     mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm,mode=0700%s" % (cfg["tmpfs_mb"], owner))
     for rel, data in files.items():
@@ -181,6 +189,13 @@ def exec_program():
         os.setgroups([])
         os.setgid(cfg["gid"])
         os.setuid(cfg["uid"])
+    if not cfg["init"]:
+        # No PID 1 to take the program down with it: the kernel kills it when its parent (the caller) dies.
+        # After setuid, which clears the setting; the check closes the race with a parent that died already.
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0):
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        if os.getppid() != cfg["parent_pid"]:
+            os._exit(1)
     os.chdir(cfg["program_dir"])
     os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
 
@@ -293,8 +308,9 @@ def run_program(
     """
     if stdin is not None:
         raise ValueError("the sandbox gives programs no stdin (it is /dev/null); pass data through `files`")
-    if timeout <= 0 or memory_mb <= 0 or max_output < 0:
-        raise ValueError("timeout and memory_mb must be positive and max_output non-negative")
+    if not (0 < timeout <= MAX_TIMEOUT_S) or not (0 < memory_mb <= MAX_MEMORY_MB) or max_output < 0:
+        raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT_S}] s, memory_mb in (0, {MAX_MEMORY_MB}] and "
+                         f"max_output non-negative (got {timeout}, {memory_mb}, {max_output})")
     return _execute(code, mode=_active_mode(), timeout=timeout, memory_mb=memory_mb,
                     max_output=max_output, files=files)
 
@@ -306,20 +322,26 @@ def _execute(code: str, *, mode: _Mode, timeout: float, memory_mb: int, max_outp
     if interpreter is None:
         return _error("no Python interpreter is readable by an unprivileged user (install python3 in /usr/bin)",
                       protections)
+    reap_stale()  # what runs of a caller killed with SIGKILL left behind
     sandbox_id = secrets.token_hex(8)
+    name = f"{SANDBOX_PREFIX}{_owner_tag()}.{sandbox_id}"  # the owner's pid: stale entries are recognisable
     uid = SANDBOX_UID_BASE + secrets.randbelow(SANDBOX_UID_SPAN) if mode.drop_uid else None
-    # Without namespaces the program runs in the work dir itself, so an unprivileged uid must be able to reach it.
-    base = None
-    if mode.drop_uid and not mode.mounts and not _searchable(Path(tempfile.gettempdir())):
-        base = "/tmp"
-    workdir = tempfile.mkdtemp(prefix="nanophi-sandbox-", dir=base)
-    cgroups = _create_cgroups(f"nanophi-sandbox-{sandbox_id}", memory_mb) if _cgroups_work() else []
+    sources = _program_files(code, files or {})
+    workdir = ""
+    if not mode.mounts:
+        # No private tmpfs: the program runs in a host directory, so an unprivileged uid must be able to reach it.
+        base = None
+        if mode.drop_uid and not _searchable(Path(tempfile.gettempdir())):
+            base = "/tmp"
+        workdir = tempfile.mkdtemp(prefix=name + "-", dir=base)
+    cgroups = _create_cgroups(name, memory_mb) if _cgroups_work() else []
     if cgroups:
         protections.append("cgroup-limits")
     try:
-        # With namespaces the bootstrap copies the files onto a tmpfs it owns; without, they are the program's.
-        _write_workdir(workdir, code, files or {}, None if mode.mounts else uid)
-        program_dir = NAMESPACE_PROGRAM_DIR if mode.mounts else workdir
+        # With a mount namespace the bootstrap puts the files onto a tmpfs it owns; without, they are the program's.
+        if workdir:
+            _write_workdir(workdir, sources, uid)
+        program_dir = workdir or NAMESPACE_PROGRAM_DIR
         env = {
             "PATH": SAFE_PATH,
             "LANG": "C.UTF-8",
@@ -331,7 +353,9 @@ def _execute(code: str, *, mode: _Mode, timeout: float, memory_mb: int, max_outp
         }
         config = {
             "workdir": workdir,
+            "files": {} if workdir else {rel: text.encode("utf-8") for rel, text in sources.items()},
             "program_dir": program_dir,
+            "parent_pid": os.getpid(),
             "cgroups": [str(c) for c in cgroups],
             "uid": uid,
             "gid": uid,
@@ -349,21 +373,32 @@ def _execute(code: str, *, mode: _Mode, timeout: float, memory_mb: int, max_outp
         return _launch(config, mode, timeout, max_output, sandbox_id, protections)
     finally:
         _remove_cgroups(cgroups)
-        _remove_tree(workdir)
+        if workdir:
+            _remove_tree(workdir)
 
 
 def _launch(config: dict, mode: _Mode, timeout: float, max_output: int, sandbox_id: str,
             protections: list[str]) -> SandboxResult:
     """Start the bootstrap (under unshare when we can), wait, kill whatever is left, and judge."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as status:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as status, \
+            tempfile.TemporaryFile() as config_file:
         config["status_fd"] = status.fileno()
-        command = [os.path.realpath(sys.executable), "-I", "-S", "-c", BOOTSTRAP, marshal.dumps(config).hex()]
+        marshal.dump(config, config_file)  # a file, not argv: one argument may hold only 128 KiB
+        config_file.flush()
+        config_file.seek(0)
+        command = [os.path.realpath(sys.executable), "-I", "-S", "-c", BOOTSTRAP, str(config_file.fileno())]
         if mode.unshare_flags:
             command = [shutil.which("unshare", path=SAFE_PATH), *mode.unshare_flags, "--", *command]
+            # unshare --kill-child takes the namespace down when unshare dies; --pdeathsig makes unshare die
+            # when we do (the bootstrap's watchdog covers the instant before setpriv sets it, or no setpriv).
+            setpriv = _setpriv_pdeathsig()
+            if setpriv:
+                command = [setpriv, "--pdeathsig", "KILL", "--", *command]
         start = time.monotonic()
         try:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=config["env"],
-                                    cwd="/", close_fds=True, pass_fds=(status.fileno(),), start_new_session=True)
+                                    cwd="/", close_fds=True, pass_fds=(status.fileno(), config_file.fileno()),
+                                    start_new_session=True)
         except OSError as e:
             return _error(f"could not start the sandbox: {e}", protections)
         try:
@@ -489,12 +524,21 @@ def _searchable(directory: Path) -> bool:
         return False
 
 
-def _write_workdir(workdir: str, code: str, files: dict[str, str], uid: int | None) -> None:
-    root = Path(workdir)
+def _program_files(code: str, files: dict[str, str]) -> dict[str, str]:
+    """relative path -> text of everything the program gets, with paths checked to stay inside its directory."""
+    out = {}
     for rel, text in {**files, PROGRAM_NAME: code}.items():
-        path = (root / rel).resolve()
-        if root.resolve() not in path.parents:
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts:
             raise ValueError(f"sandbox file {rel!r} would land outside the work directory")
+        out[str(Path(rel))] = text
+    return out
+
+
+def _write_workdir(workdir: str, files: dict[str, str], uid: int | None) -> None:
+    root = Path(workdir)
+    for rel, text in files.items():
+        path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     if uid is not None:  # without namespaces the program runs in this very directory as `uid`
@@ -594,7 +638,7 @@ def _cgroups_work() -> bool:
     """Can we make (and remove) the per-run cgroups here? Tried once per process."""
     if os.geteuid() != 0:
         return False
-    made = _create_cgroups(f"nanophi-sandbox-probe-{secrets.token_hex(4)}", DEFAULT_MEMORY_MB)
+    made = _create_cgroups(f"{SANDBOX_PREFIX}probe-{_owner_tag()}.{secrets.token_hex(4)}", DEFAULT_MEMORY_MB)
     _remove_cgroups(made)
     return bool(made)
 
@@ -656,6 +700,82 @@ def _remove_cgroups(cgroups: list[Path]) -> None:
             log.warning("sandbox: could not remove cgroup %s", cgroup)
 
 
+@functools.cache
+def _setpriv_pdeathsig() -> str | None:
+    """util-linux setpriv, if it can set the parent-death signal (util-linux >= 2.33)."""
+    setpriv = shutil.which("setpriv", path=SAFE_PATH)
+    if setpriv is None:
+        return None
+    probe = subprocess.run([setpriv, "--pdeathsig", "KILL", "--", "true"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    return setpriv if probe.returncode == 0 else None
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of process `pid` (clock ticks since boot), which tells a reused pid from the original."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])  # field 22; fields 1-2 are before ")"
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@functools.cache
+def _owner_tag() -> str:
+    """"<pid>.<start time>" of this process: what names our work dirs and cgroups (pids never change)."""
+    return f"{os.getpid()}.{_start_time(os.getpid()) or 0}"
+
+
+def _stale(name: str) -> str | None:
+    """The sandbox id of a work dir or cgroup named by a run whose owner process is gone, else None."""
+    m = STALE_NAME.match(name)
+    if m is None:
+        return None
+    pid, start = int(m.group(1)), int(m.group(2))
+    return None if _start_time(pid) == start else m.group(3)
+
+
+def reap_stale() -> list[str]:
+    """Remove the work dirs and cgroups (killing what is still in them) of runs whose owner died; return them.
+
+    A caller killed with SIGKILL runs no clean-up. The kernel takes its sandboxes' processes down (parent-death
+    signals, and PID 1 of a namespace), and with a mount namespace the work dir is a tmpfs that dies with it;
+    a host work dir and cgroups are what is left, and the next run in any process removes them here.
+    """
+    reaped: list[str] = []
+    cgroup_dirs = {d.parent for d, _ in _cgroup_settings("x", DEFAULT_MEMORY_MB)}
+    for base in cgroup_dirs:
+        for entry in _scan(base):
+            sandbox_id = _stale(entry.name)
+            if sandbox_id is not None and entry.is_dir(follow_symlinks=False):
+                _remove_cgroups([Path(entry.path)])
+                _kill_leftovers(sandbox_id, None)
+                reaped.append(entry.path)
+    for base in {tempfile.gettempdir(), "/tmp"}:
+        for entry in _scan(Path(base)):
+            sandbox_id = _stale(entry.name)
+            if sandbox_id is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            _kill_leftovers(sandbox_id, None)  # a daemon of a plain-mode run may still be using it
+            try:
+                if os.geteuid() != 0 and entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+                    continue  # another user's: not ours to judge or remove
+            except OSError:
+                continue
+            _remove_tree(entry.path)
+            reaped.append(entry.path)
+    if reaped:
+        log.info("sandbox: removed %d left over by killed runs: %s", len(reaped), ", ".join(reaped))
+    return reaped
+
+
+def _scan(directory: Path) -> list[os.DirEntry]:
+    try:
+        return [e for e in os.scandir(directory) if e.name.startswith(SANDBOX_PREFIX)]
+    except OSError:
+        return []
+
+
 def _remove_tree(path: str) -> None:
     """Remove the work dir even if the program made parts of it unreadable (matters when we are not root)."""
     try:
@@ -685,13 +805,39 @@ def _make_owner_writable(directory: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="sandbox_command", metavar="SUBCOMMAND")
-    p = sub.add_parser("run", help="run a Python file in the sandbox and report how it ended")
+    p = sub.add_parser("run", help="run a Python file in the sandbox and report how it ended",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RUN_EXIT_CODES)
     p.add_argument("file", type=Path, help="the Python program to run")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="wall-clock limit in seconds")
-    p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB, help="address-space limit in MB")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help=f"wall-clock limit in seconds (at most {MAX_TIMEOUT_S:g})")
+    p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB,
+                   help=f"address-space limit in MB (at most {MAX_MEMORY_MB})")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p = sub.add_parser("info", help="list the protections active on this machine")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+
+RUN_EXIT_CODES = f"""exit status (as coreutils `timeout` reports it):
+  0        the program exited with code 0
+  N        the program exited with code N (1-255)
+  {EXIT_TIMEOUT}      the program timed out (wall clock or CPU time) and was killed
+  {EXIT_SANDBOX_ERROR}      the sandbox itself failed to run the program
+  128+N    the program was killed by signal N (e.g. 137 for SIGKILL, 153 for SIGXFSZ: output too large)
+  2        also: a bad command line (no such file, bad --timeout), reported in one line
+The JSON (--json) or the summary line says which it was."""
+
+
+def exit_code(result: SandboxResult) -> int:
+    """The exit status of `nanophi sandbox run` for `result` (see RUN_EXIT_CODES)."""
+    if result.status == "passed":
+        return 0
+    if result.status == "timeout":
+        return EXIT_TIMEOUT
+    if result.status == "error" or result.returncode is None:
+        return EXIT_SANDBOX_ERROR
+    if result.returncode < 0:
+        return EXIT_SIGNAL_BASE - result.returncode
+    return result.returncode or 1  # "failed" with code 0 cannot happen; never report a failure as success
 
 
 def run(args: argparse.Namespace) -> int:
@@ -702,11 +848,17 @@ def run(args: argparse.Namespace) -> int:
     if args.sandbox_command != "run":
         raise UserError("say what to do: `nanophi sandbox run FILE.py` or `nanophi sandbox info`")
     if not args.file.is_file():
-        raise UserError(f"{args.file} is not a file; give the path of a Python program to run")
-    if args.timeout <= 0 or args.memory <= 0:
-        raise UserError("--timeout and --memory must be positive")
-    result = run_program(args.file.read_text(encoding="utf-8", errors="replace"), timeout=args.timeout,
-                         memory_mb=args.memory)
+        what = "is a directory" if args.file.is_dir() else "does not exist"
+        raise UserError(f"{args.file} {what}; give the path of a Python program to run")
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:  # also false for NaN
+        raise UserError(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {args.timeout}")
+    if not 0 < args.memory <= MAX_MEMORY_MB:
+        raise UserError(f"--memory must be a number of MB in (0, {MAX_MEMORY_MB}], got {args.memory}")
+    try:
+        code = args.file.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {args.file}: {e.strerror}; check its permissions") from None
+    result = run_program(code, timeout=args.timeout, memory_mb=args.memory)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -715,5 +867,4 @@ def run(args: argparse.Namespace) -> int:
         for name, text in (("stdout", result.stdout), ("stderr", result.stderr)):
             if text:
                 print(f"--- {name} ---\n{text}", end="" if text.endswith("\n") else "\n")
-    # The sandbox worked, whatever the program did; only a sandbox failure is ours to report.
-    return 1 if result.status == "error" else 0
+    return exit_code(result)
