@@ -9,6 +9,7 @@ A deck is Markdown with slides separated by a line holding only `---`. Inside a 
     <!-- notes: ... -->         speaker notes: hidden, shown under the slide with the N key
     ![caption](../img/x.png)    images are read from disk and embedded as data: URIs
     <!-- split -->              in a `two` slide, where the second column starts
+    1.388<!-- = FILE: PATH -->  a number's source (checked by tests/test_slides.py); dropped from the HTML
 
 The output has no external reference: CSS, the navigation script and every image are inline, code is coloured
 by Pygments at build time, so a deck opens from a USB stick on a machine without network. Keys: → / Space /
@@ -31,6 +32,7 @@ SLIDES = ROOT / "docs" / "slides"
 SEPARATOR = re.compile(r"^---[ \t]*$", re.M)
 DIRECTIVE = re.compile(r"<!--\s*(class|notes):(.*?)-->", re.S)
 SPLIT = "<!-- split -->"
+CLAIM_MARKER = re.compile(r"<!--\s*=.*?-->", re.S)  # where a number came from: for the tests, not the audience
 IMG_SRC = re.compile(r'(<img[^>]*?\ssrc=")([^"]+)(")')
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["'](?:https?:)?//|url\(\s*["']?(?:https?:)?//""", re.I)
 
@@ -191,7 +193,7 @@ def render_slide(source: str, md, base: Path, number: int, total: int, footer: s
     classes, notes = [], []
     for kind, value in DIRECTIVE.findall(source):
         (classes.extend(value.split()) if kind == "class" else notes.append(value.strip()))
-    source = DIRECTIVE.sub("", source)
+    source = CLAIM_MARKER.sub("", DIRECTIVE.sub("", source))
     if "two" in classes and SPLIT in source:
         left, right = source.split(SPLIT, 1)
         heading, left = _leading_heading(left)
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ImportError as e:
         print(f"build_slides: error: {e.name} is missing; pip install markdown-it-py pygments "
-              "(both come with nanophi[viz])", file=sys.stderr)
+              "(both come with nanophi[notebook])", file=sys.stderr)
         return 2
     return 0
 
