@@ -174,3 +174,99 @@ def test_canonical_bpb_windows_score_every_token_once() -> None:
     torch.nn.init.zeros_(big.table.weight)
     n_bytes = sum(len(p["canonical_solution"].encode()) for p in problems)
     assert canonical_bpb(big, ByteTokenizer(), problems) == pytest.approx(8 * (n_bytes - 1) / n_bytes)
+
+
+def assert_one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    """The CLI refuses `argv` with exit 2 and one stderr line (no traceback: main would have raised)."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and captured.out == "", captured.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("content, needles", [
+    (b'{"task_id": "HumanEval/0", "completion": "    return 1\\n"}\n\xff\xfe bad\n', [":2 ", "UTF-8"]),
+    ('{"task_id": "HumanEval/0", "completion": "    return 1"}\n{"task_id": "Human\n'.encode(), [":2 ", "not JSON"]),
+    (b'[1, 2]\n', [":1 ", "task_id"]),
+    (b'{"task_id": 0, "completion": "x"}\n', [":1 ", "task_id"]),
+    (b'{"task_id": "HumanEval/0", "completion": null}\n', [":1 ", "completion"]),
+    (b'{"task_id": "HumanEval/0", "completion": "x", "sample_idx": "two"}\n', [":1", "sample_idx"]),
+    (b'\n\n', ["no samples"]),
+])
+def test_cli_score_bad_samples_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes,
+                                    needles: list[str]) -> None:
+    """A samples file that is not UTF-8, not JSON or of the wrong shape: one line naming file and line."""
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(content)
+    line = assert_one_line_error(["humaneval", "score", str(path)], capsys, *needles)
+    assert str(path) in line
+    assert not humaneval.results_path(path).exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["score", "{samples}", "--timeout", "nan"],
+    ["score", "{samples}", "--timeout", "inf"],
+    ["score", "{samples}", "--timeout", "-1"],
+    ["score", "{samples}", "--timeout", "1e9"],
+    ["score", "{samples}", "--workers", "0"],
+    ["score", "{tmp}"],  # a directory
+    ["selftest", "--timeout", "nan"],
+    ["selftest", "--limit", "0"],
+    ["selftest", "--limit", "-3"],
+    ["generate", "no-such-model", "--out", "{tmp}/s.jsonl", "--temperature", "nan"],
+    ["generate", "no-such-model", "--out", "{tmp}/s.jsonl", "--temperature", "inf"],
+    ["generate", "no-such-model", "--out", "{tmp}/s.jsonl", "--temperature", "-0.5"],
+    ["generate", "no-such-model", "--out", "{tmp}/s.jsonl", "--limit", "0"],
+    ["generate", "no-such-model", "--out", "{tmp}/s.jsonl", "--n", "0"],
+    ["generate", "no-such-model", "--out", "{tmp}"],  # a directory
+    ["generate", "no-such-model", "--out", "{samples}/s.jsonl"],  # below a file
+    ["generate", "no-such-model", "--out", "{notes}"],  # a file that is not a samples file
+])
+def test_cli_bad_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return True\n"}) + "\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"my notes\n\xff\n")
+    before = sorted(tmp_path.rglob("*"))
+    argv = [a.format(samples=samples, tmp=tmp_path, notes=notes) for a in argv]
+    assert_one_line_error(["humaneval", *argv], capsys)
+    assert sorted(tmp_path.rglob("*")) == before and notes.read_bytes() == b"my notes\n\xff\n"  # nothing written
+
+
+def test_cli_score_read_only_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The verdicts cannot be written: refused before any program runs, not after."""
+    import os
+    import subprocess
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return True\n"}) + "\n")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path), str(mnt)],
+                                           capture_output=True).returncode != 0:
+        tmp_path.chmod(0o500)  # without root a read-only mode stands in for a read-only filesystem
+        mnt = tmp_path
+        if os.access(tmp_path, os.W_OK):
+            pytest.skip("cannot make a read-only folder here")
+    try:
+        assert_one_line_error(["humaneval", "score", str(mnt / "samples.jsonl")], capsys, "read-only")
+    finally:
+        if mnt != tmp_path:
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+        tmp_path.chmod(0o700)
+
+
+def test_cli_score_non_utf8_in_a_real_process(tmp_path: Path) -> None:
+    """The same through `python -m nanophi`: exit 2, one line, no traceback."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(b"\xff\xfe{}\n")
+    proc = subprocess.run([sys.executable, "-m", "nanophi", "humaneval", "score", str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and f"{path}:1" in proc.stderr

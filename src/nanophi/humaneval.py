@@ -23,6 +23,7 @@ import importlib.resources
 import json
 import logging
 import math
+import os
 import secrets
 import tempfile
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from nanophi.errors import UserError
-from nanophi.sandbox import DEFAULT_TIMEOUT_S, SandboxResult, run_program
+from nanophi.sandbox import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, SandboxResult, run_program
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +119,39 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+SAMPLE_SHAPE = '{"task_id": "HumanEval/0", "completion": "    return ...\\n"}'
+
+
 def read_samples(path: Path) -> list[dict[str, Any]]:
     """JSONL records with at least task_id and completion; several per task are allowed."""
     if not path.is_file():
-        raise UserError(f"{path} does not exist; write samples with `nanophi humaneval generate` first")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"{path} {what}; give a samples file (JSONL) written by `nanophi humaneval generate`")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}; check its permissions") from None
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{lineno} is not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                            "save the samples file as UTF-8 JSONL, one sample object per line") from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno} is not JSON ({e}); each line must be one sample object") from None
+            raise UserError(f"{path}:{lineno} is not JSON ({e}); each line must be one sample object such as "
+                            f"{SAMPLE_SHAPE}") from None
         fields_ok = isinstance(record, dict) and all(isinstance(record.get(f), str) for f in ("task_id", "completion"))
         if not fields_ok:
-            raise UserError(f"{path}:{lineno} needs a string task_id and a string completion")
+            raise UserError(f"{path}:{lineno} needs a string task_id and a string completion, e.g. {SAMPLE_SHAPE}")
+        idx = record.get("sample_idx")
+        if idx is not None and (not isinstance(idx, int) or isinstance(idx, bool) or idx < 0):
+            raise UserError(f"{path}:{lineno}: sample_idx must be a non-negative integer, got {idx!r}; fix it or "
+                            "drop the field")
         records.append(record)
     if not records:
         raise UserError(f"{path} holds no samples")
@@ -158,8 +177,11 @@ def score_samples(
     """
     if workers < 1:
         raise UserError("--workers must be at least 1")
-    problems = {p["task_id"]: p for p in load_problems()}
+    _check_timeout(timeout)
     samples = read_samples(samples_path)
+    _check_writable(results_path(samples_path), "the verdicts",
+                    "copy the samples file to a writable folder and score it there")
+    problems = {p["task_id"]: p for p in load_problems()}
     unknown = sorted({s["task_id"] for s in samples} - problems.keys())
     if unknown:
         raise UserError(f"{samples_path}: unknown task_id {unknown[0]!r} ({len(unknown)} unknown); "
@@ -197,9 +219,29 @@ def score_samples(
     return summary
 
 
+def _check_timeout(timeout: float) -> None:
+    if not 0 < timeout <= MAX_TIMEOUT_S:  # also false for NaN
+        raise UserError(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout}")
+
+
+def _check_writable(path: Path, what: str, hint: str) -> None:
+    """Fail before the work, not after it: `path` must be a file we can create (folders too) or write."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, but {what} go to a file there; {hint}")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:  # folders that do not exist yet get made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{existing} is a file, so {what} cannot be written to {path}; {hint}")
+    if not os.access(existing, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {what} to {path}: permission denied or a read-only filesystem; {hint}")
+
+
 def selftest(*, timeout: float = DEFAULT_TIMEOUT_S, workers: int = DEFAULT_WORKERS,
              limit: int | None = None) -> dict[str, Any]:
     """Score the canonical solutions as samples: every one must pass (164/164), or the harness is broken."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
     problems = load_problems()[:limit]
     with tempfile.TemporaryDirectory(prefix="nanophi-humaneval-") as tmp:
         path = Path(tmp) / "canonical_samples.jsonl"
@@ -217,15 +259,21 @@ def _read_resumable(out: Path) -> set[tuple[str, int]]:
     """(task_id, sample_idx) pairs already in `out`; a partial last line from a killed run is cut off."""
     if not out.exists():
         return set()
+    if not out.is_file():
+        raise UserError(f"--out {out} is a directory; give the samples file to write (e.g. {out}/samples.jsonl)")
     data = out.read_bytes()
     if data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]
         out.write_bytes(data)
     done = set()
-    for line in data.decode("utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            done.add((record["task_id"], int(record["sample_idx"])))
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        try:
+            record = json.loads(raw) if raw.strip() else None  # bytes: json takes UTF-8 and rejects the rest
+            if record is not None:
+                done.add((record["task_id"], int(record["sample_idx"])))
+        except (ValueError, TypeError, KeyError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise UserError(f"--out {out}:{lineno} is not a sample this command wrote (JSON with task_id and "
+                            "sample_idx); it appends only to its own samples files: pick a new --out") from None
     return done
 
 
@@ -248,6 +296,11 @@ def generate_samples(
     """
     if n < 1 or batch_size < 1 or max_new_tokens < 1:
         raise UserError("--n, --batch-size and --max-new-tokens must be at least 1")
+    if not 0 <= temperature < math.inf:  # also false for NaN
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    _check_writable(out, "the samples", "pick another --out")
     if n > 1 and temperature == 0:
         log.warning("humaneval: %d greedy samples per problem will be identical; use --temperature > 0", n)
     problems = load_problems()[:limit]
@@ -355,8 +408,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if command not in ("score", "selftest"):
         raise UserError("say what to do: `nanophi humaneval generate|score|selftest` (see --help)")
-    if args.timeout <= 0:
-        raise UserError("--timeout must be positive")
+    _check_timeout(args.timeout)
     if command == "score":
         summary = score_samples(args.samples, timeout=args.timeout, workers=args.workers)
     else:
