@@ -76,6 +76,7 @@ html, body { margin: 0; height: 100%; background: #20242c; overflow: hidden;
 .slide.figure img { max-height: 560px; }
 .slide.small { font-size: 21px; }
 .slide.small pre { font-size: 15px; }
+.slide.small img { max-height: 400px; }
 .slide.two .cols { display: grid; grid-template-columns: 1fr 1fr; gap: 36px; align-items: start; flex: 1;
                    min-height: 0; }
 .slide.two .cols > div { min-width: 0; }
