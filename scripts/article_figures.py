@@ -119,6 +119,9 @@ def corpus_facts(book: Path) -> dict[str, Any]:
     from nanophi.sources import iter_documents, read_text
     from nanophi.tokenizer import BPETokenizer, CharTokenizer
 
+    from nanophi.textbook.pool import SKIP_DIRS, stdlib_dir
+
+    stdlib = [p for p in stdlib_dir().rglob("*.py") if not SKIP_DIRS & set(p.parts)]  # what the pool reads
     pydoc = read_text(None)
     bpe = BPETokenizer.train([pydoc], vocab_size=BPE_VOCAB)
     text = read_text(str(book))
@@ -127,6 +130,7 @@ def corpus_facts(book: Path) -> dict[str, Any]:
                   "char_vocab": CharTokenizer.train([pydoc]).vocab_size,
                   "bpe512_vocab": bpe.vocab_size, "bpe512_tokens_per_char": len(bpe.encode(pydoc)) / len(pydoc)},
         "book": {"chars": len(text), "char_vocab": CharTokenizer.train([text]).vocab_size},
+        "stdlib": {"py_files": len(stdlib), "py_megabytes": sum(p.stat().st_size for p in stdlib) / 1e6},
     }
 
 

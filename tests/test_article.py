@@ -6,7 +6,7 @@ block in the article carries a marker: `source:` for excerpts, `example` for usa
 
 Numbers: a number followed by `<!-- = FILE: EXPR -->` is checked against a results file (path from the repository
 root). EXPR is a JSON path with `/` between keys (`arms/A/mean/code_bpb`, list items by index), or arithmetic
-(+ - * /, `log`) over paths in braces: `{a/b} * 100`, `{arms/B/mean/x} - {arms/A/mean/x}`. The number as written
+(+ - * / **, `log`) over paths in braces: `{a/b} * 100`, `{arms/B/mean/x} - {arms/A/mean/x}`. The number as written
 sets the rounding: `1.388` must equal the value to 3 decimals (half a unit in its last place); `2.6M`, `31K`,
 `4,915,200` and a leading `−` or `~` are understood. For a Markdown file (`<!-- = docs/experiments.md -->`, no
 EXPR) the number must appear in it as written. A results file not committed yet is skipped, by name, not failed.
@@ -38,7 +38,8 @@ CLAIM = re.compile(
     r"(?:[^\d<]{0,12}?)<!--\s*=\s*(?P<file>[^\s:]+)\s*(?::\s*(?P<expr>.*?))?\s*-->", re.S)
 SUFFIX = {None: 1.0, "K": 1e3, "M": 1e6, "B": 1e9}
 OPS: dict[type, Callable[[float, float], float]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.Pow: operator.pow}
 FUNCS: dict[str, Callable[[float], float]] = {"log": math.log}
 
 
@@ -99,7 +100,7 @@ def json_path(data: object, path: str) -> float:
 
 
 def evaluate(expr: str, data: object) -> float:
-    """EXPR of a claim: one JSON path, or + - * / and log() over `{path}` references and numbers."""
+    """EXPR of a claim: one JSON path, or + - * / ** and log() over `{path}` references and numbers."""
     if "{" not in expr:
         return json_path(data, expr)
     refs: list[str] = []
