@@ -472,3 +472,115 @@ def test_helpers_written_after_the_function_stay_after_it():
     assert reason == "ok" and ex is not None
     assert ex.solution.index("def double_value") < ex.solution.index("FOUR = double_value(2)")
     assert run_program(ex.program(), timeout=10).status == "passed"
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+# Each case: the stage's argv ({inp}: a small records file, {file}: an existing file that is not a folder,
+# {dir}: an existing folder, {tmp}: the test's folder).
+BAD_TEXTBOOK_ARGS = {
+    "generate_out_is_a_file": "generate --kind exercises --n 2 --out {file}",
+    "generate_out_below_a_file": "generate --kind exercises --n 2 --out {file}/gen",
+    "generate_temperature_nan": "generate --kind exercises --n 2 --out {tmp}/gen --temperature nan",
+    "generate_temperature_inf": "generate --kind textbook --n 2 --out {tmp}/gen --temperature inf",
+    "generate_temperature_negative": "generate --kind textbook --n 2 --out {tmp}/gen --temperature -1",
+    "generate_max_tokens_zero": "generate --kind textbook --n 2 --out {tmp}/gen --max-tokens 0",
+    "generate_n_negative": "generate --kind textbook --n -1 --out {tmp}/gen",
+    "generate_batch_zero": "generate --kind textbook --n 2 --out {tmp}/gen --batch 0",
+    "generate_teacher_batch_zero": "generate --kind textbook --n 2 --out {tmp}/gen --teacher-batch 0",
+    "verify_timeout_nan": "verify {inp} --out {tmp}/v.jsonl --timeout nan",
+    "verify_timeout_inf": "verify {inp} --out {tmp}/v.jsonl --timeout inf",
+    "verify_timeout_zero": "verify {inp} --out {tmp}/v.jsonl --timeout 0",
+    "verify_timeout_huge": "verify {inp} --out {tmp}/v.jsonl --timeout 1e12",
+    "verify_memory_zero": "verify {inp} --out {tmp}/v.jsonl --memory-mb 0",
+    "verify_memory_huge": "verify {inp} --out {tmp}/v.jsonl --memory-mb 1099511627776",
+    "verify_workers_zero": "verify {inp} --out {tmp}/v.jsonl --workers 0",
+    "verify_out_is_the_input": "verify {inp} --out {inp}",
+    "verify_out_is_a_folder": "verify {inp} --out {dir}",
+    "dedup_threshold_nan": "dedup {inp} --out {tmp}/d.jsonl --threshold nan",
+    "dedup_threshold_zero": "dedup {inp} --out {tmp}/d.jsonl --threshold 0",
+    "dedup_threshold_above_one": "dedup {inp} --out {tmp}/d.jsonl --threshold 1.5",
+    "dedup_num_perm_zero": "dedup {inp} --out {tmp}/d.jsonl --num-perm 0",
+    "dedup_out_is_the_input": "dedup {inp} --out {inp}",
+    "decontaminate_tau_nan": "decontaminate {inp} --out {tmp}/c.jsonl --tau nan",
+    "decontaminate_tau_two": "decontaminate {inp} --out {tmp}/c.jsonl --tau 2",
+    "decontaminate_sweep_words": "decontaminate {inp} --out {tmp}/c.jsonl --sweep high,low",
+    "decontaminate_sweep_nan": "decontaminate {inp} --out {tmp}/c.jsonl --sweep 0.9,nan",
+    "filter_threshold_nan": "filter {inp} {inp} --out {tmp}/f.jsonl --threshold nan",
+    "filter_threshold_above_one": "filter {inp} {inp} --out {tmp}/f.jsonl --threshold 1.5",
+    "filter_out_is_an_input": "filter {inp} {tmp}/pool.jsonl --out {inp}",
+    "annotate_threshold_inf": "annotate {inp} --out {tmp}/l.jsonl --threshold inf",
+    "annotate_threshold_above_ten": "annotate {inp} --out {tmp}/l.jsonl --threshold 11",
+    "pack_val_fraction_nan": "pack {inp} --out {tmp}/packed --val-fraction nan",
+    "pack_val_fraction_one": "pack {inp} --out {tmp}/packed --val-fraction 1",
+    "pack_out_is_a_file": "pack {inp} --out {file}",
+    "pool_max_docs_zero": "pool --out {tmp}/p.jsonl --max-docs 0",
+    "pool_out_is_a_folder": "pool --out {dir}",
+    "card_out_is_a_folder": "card {inp} --out {dir}",
+    "run_out_is_a_file": "run --preset tiny --out {file}",
+    "experiment_out_is_a_file": "experiment --out {file}",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEXTBOOK_ARGS))
+def test_textbook_cli_refuses_nonsense_in_one_line_and_writes_nothing(case, tmp_path, capsys):
+    """NaN/inf/out-of-range flags and impossible --out paths: exit 2, one stderr line, nothing written, and
+    before any teacher is loaded or any program run."""
+    inp = tmp_path / "in.jsonl"
+    append_jsonl(inp, [{"id": "a", "text": "def f():\n    return 1\n", "kind": "textbook", "provenance": {}}])
+    (tmp_path / "pool.jsonl").write_bytes(inp.read_bytes())
+    existing = tmp_path / "notes.txt"
+    existing.write_text("the user's own notes\n")
+    (tmp_path / "folder").mkdir()
+    argv = BAD_TEXTBOOK_ARGS[case].format(inp=inp, file=existing, dir=tmp_path / "folder", tmp=tmp_path).split()
+    before = _tree(tmp_path)
+    assert nanophi_main(["textbook", *argv]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and captured.out == "", captured.err
+    assert captured.err.startswith("nanophi textbook: error: ")
+    assert _tree(tmp_path) == before, "a refused command wrote something"
+
+
+def test_generate_refuses_a_file_as_out_through_the_api(tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine\n")
+
+    class NeverAsked:
+        name = "never-asked"
+
+        def chat(self, prompts, max_tokens, temperature, seed=None):
+            raise AssertionError("the teacher was asked although --out was refused")
+
+    with pytest.raises(UserError, match="is a file"):
+        gen.generate("exercises", 2, existing, NeverAsked())
+    with pytest.raises(UserError, match="temperature"):
+        gen.generate("exercises", 2, tmp_path / "gen", NeverAsked(), temperature=float("nan"))
+    assert existing.read_text() == "mine\n" and not (tmp_path / "gen").exists()
+
+
+def test_textbook_out_on_a_read_only_filesystem(tmp_path, capsys):
+    """A read-only --out: one line, before the teacher loads (a bind mount makes it read-only for root too)."""
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to bind-mount a read-only folder")
+    try:
+        assert nanophi_main(["textbook", "generate", "--kind", "textbook", "--n", "1",
+                             "--out", str(ro / "gen")]) == 2
+        assert "read-only" in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_textbook_generate_out_file_in_a_real_process(tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine\n")
+    proc = subprocess.run([sys.executable, "-m", "nanophi", "textbook", "generate", "--kind", "exercises", "--n",
+                           "2", "--out", str(existing)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert existing.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -13,12 +13,23 @@
 
 Each stage lives in its own module as `add_<stage>_arguments(parser)` and `run_<stage>(args)`; the modules are
 imported only for the subcommand that runs, so `nanophi --help` does not load scikit-learn or torch.
+
+Before a stage runs, `check_args` refuses, in one line, what no stage could make sense of: a float flag that is
+NaN or infinite or outside its range, a count below its minimum, an `--out` that is a folder where a file goes
+(or a file where a folder goes, or lies below a file, or on a read-only filesystem), and an `--out` that is one
+of the stage's inputs (the stage would replace what it reads).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+from nanophi.errors import UserError
 
 # stage -> (module, one-line help, function-name stem)
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -38,6 +49,88 @@ STAGES: dict[str, tuple[str, str, str]] = {
     # the case study: a module with a plain add_arguments/run pair (stem "")
     "experiment": ("nanophi.textbook.experiment", "train students on the pipeline's arms and compare with phi-1", ""),
 }
+
+
+# (stage, flag dest) -> (low, high, low allowed, high allowed): the ranges the stages' own code relies on.
+FLOAT_RANGES: dict[tuple[str, str], tuple[float, float, bool, bool]] = {
+    ("annotate", "threshold"): (0.0, 10.0, True, True),  # rubric points and judge ratings are 0-10
+    ("filter", "threshold"): (0.0, 1.0, True, True),  # a probability
+    ("dedup", "threshold"): (0.0, 1.0, False, True),  # a Jaccard similarity
+    ("decontaminate", "tau"): (0.0, 1.0, False, True),  # an AST similarity
+    ("pack", "val_fraction"): (0.0, 1.0, False, False),  # both splits must be non-empty
+    ("generate", "temperature"): (0.0, 100.0, True, True),
+    ("verify", "timeout"): (0.0, 86_400.0, False, True),  # nanophi.sandbox.MAX_TIMEOUT_S
+}
+# flag dest -> the least value that means anything (the same dest means the same thing in every stage).
+INT_MINIMA: dict[str, int] = {
+    "n": 0, "max_tokens": 1, "batch": 1, "workers": 1, "memory_mb": 1, "num_perm": 1, "ngram": 1,
+    "min_ast_tokens": 0, "max_docs": 1, "min_chars": 0, "max_chars": 1, "vocab_size": 1, "seeds": 1,
+    "textbooks": 0, "exercises": 0, "teacher_batch": 1, "teacher_concurrency": 1, "teacher_retries": 0,
+}
+MAX_MEMORY_MB = 1 << 20  # nanophi.sandbox.MAX_MEMORY_MB (not imported: --help must stay light)
+# What each stage's --out is, and which of its arguments it reads.
+OUT_IS_DIR = {"generate", "pack", "run", "experiment"}
+INPUTS: dict[str, tuple[str, ...]] = {
+    "annotate": ("pool",), "filter": ("labels", "pool"), "verify": ("input",), "dedup": ("input",),
+    "decontaminate": ("input",), "card": ("data",), "pack": ("data",),
+}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flag values no stage can use, before any stage starts (see the module docstring)."""
+    stage = args.stage
+    for dest, value in vars(args).items():
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise UserError(f"{_flag(dest)} must be a finite number, got {value}")
+            bounds = FLOAT_RANGES.get((stage, dest))
+            if bounds is not None:
+                low, high, low_ok, high_ok = bounds
+                if not ((low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)):
+                    interval = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+                    raise UserError(f"{_flag(dest)} must be in {interval}, got {value:g}")
+        elif isinstance(value, int) and not isinstance(value, bool) and dest in INT_MINIMA:
+            if value < INT_MINIMA[dest]:
+                raise UserError(f"{_flag(dest)} must be at least {INT_MINIMA[dest]}, got {value}")
+    if getattr(args, "memory_mb", None) is not None and args.memory_mb > MAX_MEMORY_MB:
+        raise UserError(f"--memory-mb must be at most {MAX_MEMORY_MB}, got {args.memory_mb}")
+    if stage == "decontaminate" and args.sweep:
+        try:
+            sweep = [float(t) for t in args.sweep.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(f"--sweep must be comma-separated numbers in (0, 1], got {args.sweep!r}") from None
+        if any(not 0.0 < t <= 1.0 for t in sweep):  # also catches NaN
+            raise UserError(f"--sweep values must be in (0, 1], got {args.sweep!r}")
+    out = getattr(args, "out", None)
+    if out is not None:
+        check_out(Path(out), is_dir=stage in OUT_IS_DIR,
+                  inputs=[Path(getattr(args, a)) for a in INPUTS.get(stage, ()) if getattr(args, a, None)])
+
+
+def check_out(out: Path, *, is_dir: bool, inputs: Sequence[Path] = ()) -> None:
+    """`out` can be written: a folder (`is_dir`) or a file of records, not one of `inputs`, on a writable disk."""
+    if is_dir and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, but this stage writes a folder there; give a folder path "
+                        "(it is created) or move the file away")
+    if not is_dir and out.is_dir():
+        raise UserError(f"--out {out} is a folder, but this stage writes one file; give a file path, e.g. "
+                        f"{out / 'out.jsonl'}")
+    for source in inputs:
+        if source.exists() and out.exists() and os.path.samefile(source, out):
+            raise UserError(f"--out {out} is this stage's input {source}; writing it would replace what it reads: "
+                            "give another --out")
+    existing = out if is_dir else out.parent
+    while not existing.exists() and existing != existing.parent:  # folders that do not exist yet get made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out} lies below {existing}, which is a file; choose a path in a folder")
+    if not os.access(existing, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UserError(f"--out {out} cannot be written (permission denied or a read-only filesystem); choose "
+                        "another --out")
 
 
 def _names(stem: str) -> tuple[str, str]:
@@ -62,9 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "_stage_run", None) is None:
-        from nanophi.errors import UserError
-
         raise UserError(f"name a stage: nanophi textbook {{{','.join(STAGES)}}} (see nanophi textbook --help)")
+    check_args(args)
     module_name, fn_name = args._stage_run
     fn = getattr(importlib.import_module(module_name), fn_name)
     if args.stage == "annotate" and args.labeler == "llm":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 import time
@@ -164,6 +165,12 @@ def generate(
         batch = getattr(teacher, "batch_size", None) or getattr(teacher, "concurrency", None) or BATCH
     if batch < 1:
         raise UserError(f"batch must be >= 1, got {batch}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
+    if temperature is not None and not 0 <= temperature < math.inf:  # also false for NaN
+        raise UserError(f"temperature must be a finite number >= 0, got {temperature}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # before any teacher call, not at the first append
+        raise UserError(f"--out {out_dir} is a file, but generate writes a folder there; give a folder path")
     t0 = time.perf_counter()
     version, _ = load_template(kind)
     max_tokens = max_tokens or MAX_TOKENS[kind]

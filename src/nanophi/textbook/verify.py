@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 from nanophi.errors import UserError
@@ -213,8 +214,15 @@ def verify(
 ) -> dict[str, Any]:
     """Check every record of `in_path` (exercises run in the sandbox, textbooks parse-checked); write the kept
     ones to `out_path`, rejections to `OUT.removed.jsonl`; returns the stats (yields per kind and reason)."""
-    if timeout <= 0 or memory_mb <= 0 or workers < 1:
-        raise UserError("verify needs timeout > 0, memory_mb > 0 and workers >= 1")
+    from nanophi.sandbox import MAX_MEMORY_MB, MAX_TIMEOUT_S
+
+    if not 0 < timeout <= MAX_TIMEOUT_S or not 0 < memory_mb <= MAX_MEMORY_MB or workers < 1:  # NaN fails too
+        raise UserError(f"verify needs a timeout in (0, {MAX_TIMEOUT_S:g}] s, memory_mb in (0, {MAX_MEMORY_MB}] "
+                        f"and workers >= 1; got {timeout}, {memory_mb}, {workers}")
+    if Path(out_path).is_dir():
+        raise UserError(f"--out {out_path} is a folder; give the file to write the kept records to")
+    if Path(out_path).exists() and Path(in_path).exists() and os.path.samefile(in_path, out_path):
+        raise UserError(f"--out {out_path} is the input; verify would replace what it reads: give another --out")
     t0 = time.perf_counter()
     checked_path = sidecar_path(out_path, "checked")
     key = lambda rec: record_id(f"{VERIFY_VERSION}\n{rec['text']}")  # noqa: E731 - a verdict is of the text
