@@ -9,7 +9,7 @@ EXTRAS ?= all
 RUN    ?= runs/demo
 DEMO_ARGS ?= --max-iters 2000 --eval-interval 250 --sample-interval 1000
 PYTEST_ARGS ?=
-BOOK ?= ../shared/data/pride_and_prejudice.txt
+BOOK ?= data/pride_and_prejudice.txt
 ARTIFACTS_ARGS ?=
 
 .PHONY: install demo run-demo test test-fast slides artifacts clean
@@ -49,9 +49,10 @@ test-fast: install
 slides: install
 	$(PY) scripts/build_slides.py
 
-## make artifacts: train the showcase e-book model on $(BOOK) into artifacts/ (see artifacts/INDEX.md)
+## make artifacts: train the showcase model on $(BOOK) (any --data source, e.g. BOOK=gutenberg:1342) and publish it
+## into artifacts/pride-and-prejudice/ with its samples and report; artifacts/INDEX.md lists every file (~2 min)
 artifacts: install
-	$(PY) scripts/artifacts.py $(BOOK) $(ARTIFACTS_ARGS)
+	nice -n 10 $(PY) scripts/artifacts.py $(BOOK) $(ARTIFACTS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache
