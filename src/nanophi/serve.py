@@ -70,6 +70,8 @@ class Limits:
         for name, value in vars(self).items():
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.max_queue < self.max_completions:  # else a request within limits could never be queued
+            raise UserError(f"--max-queue ({self.max_queue}) must be >= --max-completions ({self.max_completions})")
 
 
 class APIError(Exception):
@@ -109,8 +111,8 @@ class Batcher:
         self.running: list[Job] = []
         self.cond = threading.Condition()
         self.accepting, self.stopped = True, False
-        self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "queued": 0, "completion_tokens": 0,
-                      "cancelled": 0, "refused_busy": 0}
+        self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "queued": 0, "running": 0,
+                      "completion_tokens": 0, "cancelled": 0, "refused_busy": 0}
         self.thread = threading.Thread(target=self._loop, name="nanophi-batcher", daemon=True)
 
     def start(self) -> None:
@@ -169,7 +171,7 @@ class Batcher:
                     continue
                 batch.append(job)
             self.running = batch
-            self.stats["queued"] = len(self.queue)
+            self.stats["queued"], self.stats["running"] = len(self.queue), len(batch)
         return batch
 
     def _loop(self) -> None:
@@ -187,6 +189,7 @@ class Batcher:
             finally:
                 with self.cond:
                     self.running = []
+                    self.stats["running"] = 0
 
     def _run(self, batch: list[Job]) -> None:
         from nanophi.generate import TextStream
@@ -480,6 +483,9 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
         batcher.submit(jobs)
         usage_prompt = sum(len(p) for p in req.prompts)
 
+        shut_down = APIError(503, "the server shut down before this request finished", type="server_error",
+                             code="shutting_down")
+
         def cancel() -> None:
             for job in jobs:
                 job.cancelled.set()
@@ -499,6 +505,8 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
                         cancel()
                         return Response(status_code=400)  # never sent: the connection is closed
                     results[i] = payload
+            except asyncio.CancelledError:  # uvicorn's shutdown grace is over: an answer, not a traceback
+                return JSONResponse(shut_down.body(), status_code=shut_down.status)
             finally:  # also when uvicorn cancels this task at the end of the shutdown grace
                 watcher.cancel()
                 if len(results) < len(jobs):
@@ -550,6 +558,8 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
                         yield chunk(None, finish)
                     yield "data: [DONE]\n\n"
                     return
+            except asyncio.CancelledError:  # the client left, or the shutdown grace is over
+                return
             finally:
                 cancel()  # the client went away (Starlette cancels the stream): stop generating for it
 
