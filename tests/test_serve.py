@@ -182,6 +182,32 @@ def test_concurrent_requests_share_batches_and_stay_correct(server, client, engi
     assert after["batches"] - before["batches"] < len(prompts)  # some requests shared a forward pass
 
 
+def test_different_seeds_and_settings_share_one_batch(server, client, engine: Engine) -> None:
+    """12 clients, each its own seed/temperature/top_p/top_k: one or two forward-pass batches (they used to run
+    two at a time), and each gets what it would alone: a row's seed is its own generator."""
+    from nanophi.generate import Sampling
+
+    settings = [dict(seed=s, temperature=0.5 + 0.1 * s, top_p=[1.0, 0.9, 0.7][s % 3], top_k=[None, 5, 20][s % 3])
+                for s in range(12)]
+    before = httpx.get(server[0] + "/health").json()
+
+    def ask(kw: dict) -> str:
+        return client.completions.create(model=NAME, prompt="It was", max_tokens=12, extra_body=(
+            {"top_k": kw["top_k"]} if kw["top_k"] else None), seed=kw["seed"], temperature=kw["temperature"],
+            top_p=kw["top_p"]).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(settings)) as pool:
+        got = list(pool.map(ask, settings))
+    after = httpx.get(server[0] + "/health").json()
+    print(f"\n{len(settings)} clients with different sampling settings ran in {after['batches'] - before['batches']} "
+          f"batch(es)")
+    assert after["batches"] - before["batches"] <= 2
+    for kw, text in zip(settings, got):
+        alone = Sampling(kw["temperature"], kw["top_k"], kw["top_p"] if kw["top_p"] < 1 else None, kw["seed"])
+        assert text == engine.generate(["It was"], 12, sampling=[alone])[0]
+    assert len(set(got)) > 1
+
+
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(model: GPT, engine: Engine, tmp_path: Path) -> None:
     tok_dir = tmp_path / "tok"
     engine.tokenizer.save(tok_dir)
