@@ -20,6 +20,10 @@ OS grants it (`detect_protections()` tries once and says which are active):
    memory hogs passes every per-process limit).
 4. The process: its own session and process group, killed as a group with SIGKILL on timeout and after exit;
    leftovers are then hunted by a marker variable in their environment, by uid and by cgroup membership.
+   If the caller itself is killed (SIGKILL runs no clean-up), the kernel takes the run down: a parent-death
+   signal on `unshare` (via `setpriv --pdeathsig`) or on the program, then PID 1's exit; with a mount
+   namespace the files never touch the host's disk (they reach the tmpfs through an unnamed file). Host work
+   dirs and cgroups are named after their owner's pid, and `reap_stale()` removes dead owners' at the next run.
 5. I/O: stdin is /dev/null; stdout/stderr go to unnamed temporary files (never pipes: a flood cannot deadlock the
    parent or fill its memory), bounded by RLIMIT_FSIZE and truncated (head and tail kept) on read.
 6. Environment: scrubbed to a handful of variables; nothing (no API keys) is inherited from the parent.
