@@ -393,10 +393,37 @@ def _tokenizer_probe(tokenizer: Any) -> tuple[int, list[int]]:
     return tokenizer.vocab_size, ids
 
 
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse an --out nanophi may not write into: a file, or an existing directory that is not a nanophi run
+    (training there would overwrite its config.json and mix checkpoints into the user's files)."""
+    kind = checkpoint.run_kind(out)
+    last = out / "last"
+    if kind == "not-dir":
+        raise UserError(f"--out {out} is a file, not a directory; choose a directory (it is created if missing)")
+    if resume:
+        if kind not in ("run", "legacy") or not (last / checkpoint.CONFIG).exists():
+            raise UserError(f"--resume: no checkpoint in {last}; train without --resume first (or fix --out)")
+    elif kind == "legacy" or (kind == "run" and (last.exists() or last.is_symlink())):
+        raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
+    elif kind == "foreign":
+        entries = sorted(p.name for p in out.iterdir())
+        raise UserError(f"--out {out} is a directory that is not a nanophi run (it holds {len(entries)} entries, "
+                        f"e.g. {entries[0]!r}) and nanophi writes only into its own runs; choose a new or empty "
+                        "directory")
+
+
+def _claim(run_dir: Path) -> None:
+    try:
+        checkpoint.claim(run_dir)
+    except OSError as e:
+        raise UserError(f"cannot write to --out {run_dir}: {e.strerror}; choose a writable directory") from None
+
+
 def train(cfg: RunConfig, callbacks: Sequence[Callback] | None = None) -> dict[str, Any]:
     """Prepare the data (cached), build or resume the model, train, and return the run's summary."""
     tc = cfg.train
     run_dir = Path(tc.out)
+    check_out(run_dir, tc.resume)
     model, tokenizer = None, None
     if tc.init_from and not tc.resume:
         from nanophi.refs import load_model
@@ -418,15 +445,17 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] | None = None) -> dict[s
         distributed.barrier()
     if tc.resume and saved.state.get("data_sha256") not in (None, data.meta.get("sha256")):
         raise UserError(f"--resume: the corpus differs from the one {run_dir} was trained on "
-                        f"({saved.config['data'].get('data')}); pass the same --data")
+                        f"({saved.config.get('data', {}).get('data')}); pass the same --data")
     if model is None and cfg.model.block_size + 1 > len(data.train):
         raise UserError(f"the corpus has {len(data.train)} training tokens, fewer than block_size + 1 = "
                         f"{cfg.model.block_size + 1}; use more text or a smaller --block-size")
+    if env.rank == 0:
+        _claim(run_dir)  # the marker first, so everything written below is in a directory provably nanophi's
     trainer = Trainer(cfg, data, callbacks, model=model)
     if tc.resume:
         trainer.resume()
     if env.rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        checkpoint.write_json_atomic(run_dir / checkpoint.CONFIG, cfg.to_dict())
     log.info(f"model: {trainer.raw_model.num_params() / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}, "
              f"{len(data.train):,} train / {len(data.val):,} val tokens, device {trainer.device}, "
              f"{str(trainer.dtype).removeprefix('torch.')}")
@@ -435,7 +464,10 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] | None = None) -> dict[s
 
 # --- CLI -----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE.toml", help="TOML recipe of overrides (e.g. recipes/cpu-fast.toml)")
+    from nanophi.config import recipes
+
+    parser.add_argument("--config", metavar="FILE.toml|NAME",
+                        help=f"TOML recipe of overrides: a file, or a recipe shipped with nanophi ({', '.join(recipes())})")
     add_dataclass_arguments(parser, DataConfig)
     add_dataclass_arguments(parser, GPTConfig)
     add_dataclass_arguments(parser, TrainConfig)
@@ -446,16 +478,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     toml = load_toml(args.config) if args.config else None
     out = Path(flags.get("out") or (toml or {}).get("train", {}).get("out") or TrainConfig().out)
     saved = None
+    check_out(out, bool(flags.get("resume")))  # before anything is read or written
     if flags.get("resume"):
-        last = out / "last"
-        if not (last / checkpoint.CONFIG).exists():
-            raise UserError(f"--resume: no checkpoint in {last}; train without --resume first (or fix --out)")
-        saved = checkpoint.load(last, with_trainer=False).config
+        saved = checkpoint.load(out / "last", with_trainer=False).config
     cfg = resolve(flags, toml, saved)
     if saved is not None:
-        _check_compatible(saved["model"], cfg.model.to_dict(), last)
-    elif (out / "last").exists():
-        raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
+        _check_compatible(saved["model"], cfg.model.to_dict(), out / "last")
     return cfg
 
 
@@ -469,7 +497,16 @@ def _check_compatible(saved: dict[str, Any], new: dict[str, Any], where: Path) -
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except OSError as e:
+        if e.errno not in checkpoint.DISK_ERRNOS:
+            raise
+        last = Path(cfg.train.out) / "last"
+        kept = f"the last checkpoint {last.resolve()} is intact" if last.is_symlink() else "no checkpoint was written"
+        what = e.filename or f"into {cfg.train.out}"
+        raise UserError(f"cannot write {what}: {e.strerror}; {kept}; free space or fix permissions and --resume"
+                        ) from None
     if distributed.rank() == 0:
         print(json.dumps({k: summary[k] for k in ("run_dir", "step", "best_val_loss", "stop_reason")}))
     distributed.shutdown()

@@ -52,7 +52,21 @@ def load_hf_dir(path: str | Path, max_context: int | None = DEFAULT_MAX_CONTEXT)
     """(model, tokenizer) from a Hugging Face checkpoint directory."""
     path = Path(path)
     hf = _read_json(path / "config.json")
-    config = config_from_hf(hf, max_context, str(path))
+    if not isinstance(hf, dict):
+        raise UserError(f"{path / 'config.json'} must be a JSON object (a Hugging Face model config), "
+                        f"got {type(hf).__name__}")
+    try:
+        config = config_from_hf(hf, max_context, str(path))
+        from nanophi.config import check_model
+
+        check_model(config)
+    except KeyError as e:
+        raise UserError(f"{path / 'config.json'} lacks {e.args[0]!r}; it is incomplete or not a "
+                        f"{hf.get('model_type')} config") from None
+    except (TypeError, ValueError) as e:  # a value of the wrong JSON type where a size was expected
+        raise UserError(f"{path / 'config.json'} has a value of the wrong type ({e}); fix the file") from None
+    except UserError as e:
+        raise UserError(f"{path / 'config.json'}: {e}") from None
     state = state_from_hf(hf["model_type"], read_weights(path), config, str(path))
     return build_model(config, state, str(path)), load_hf_tokenizer(path, hf)
 
@@ -99,15 +113,35 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
+    from safetensors import SafetensorError
+
+    def load(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(file))
+        except FileNotFoundError:
+            raise UserError(f"{file} is missing; the model directory is incomplete") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{file} is corrupt ({e}); download or export it again") from None
+
     if (path / "model.safetensors").exists():
-        return load_file(str(path / "model.safetensors"))
+        return load(path / "model.safetensors")
     if index.exists():
+        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index} must hold a \"weight_map\" object of tensor -> shard file names")
         out: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(_read_json(index)["weight_map"].values())):
-            out |= load_file(str(path / shard))
+        for shard in sorted(set(weight_map.values())):
+            out |= load(path / shard)
         return out
     if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        # Only tensors are unpickled (weights_only): a .bin holding anything else could run code when loaded.
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for foreign objects; RuntimeError/EOFError/... for a damaged file
+            raise UserError(f"{path / 'pytorch_model.bin'} cannot be loaded as plain tensors ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); nanophi never unpickles "
+                            "code: convert it to model.safetensors where you trust it (transformers' "
+                            "save_pretrained(..., safe_serialization=True))") from None
     raise UserError(f"{path} has no model.safetensors (or shards, or pytorch_model.bin)")
 
 
