@@ -326,3 +326,11 @@ def test_serve_flags_are_checked_before_the_model_loads(tmp_path: Path, capsys: 
         assert main(["serve", str(tmp_path / "none"), "--port", str(free_port()), *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("nanophi serve: error:"), err
+
+
+def test_only_loopback_hosts_count_as_private() -> None:
+    """`nanophi serve --host H` without a key warns unless H is loopback (the warning itself is one log line)."""
+    from nanophi.serve import is_loopback
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.com"]))
