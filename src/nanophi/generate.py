@@ -126,7 +126,10 @@ class RowSampler:
 
     def __init__(self, rows: Sequence[Sampling], device: torch.device) -> None:
         self.rows = list(rows)
-        f = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)[:, None]  # noqa: E731
+
+        def f(xs: list[float]) -> torch.Tensor:  # (B, 1): broadcasts against (B, V) logits
+            return torch.tensor(xs, dtype=torch.float32, device=device)[:, None]
+
         self.temperature = f([r.temperature for r in self.rows])
         self.top_p = f([r.top_p if r.top_p is not None else 1.0 for r in self.rows])
         self.penalty = f([r.repetition_penalty for r in self.rows])

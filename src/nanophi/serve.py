@@ -465,7 +465,7 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
         try:
             raw = await read_body(request, limits.max_body_bytes)
         except ClientDisconnect:
-            return Response(status_code=400)  # nobody is there to read it
+            return Response(status_code=499)  # the client closed the request: nobody reads this
         # parsing and tokenizing run off the event loop: a big (but allowed) request does not stall the others
         req = await asyncio.to_thread(parse, raw, kind)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -503,7 +503,7 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
                     what, i, payload = await events.get()
                     if what == "gone":
                         cancel()
-                        return Response(status_code=400)  # never sent: the connection is closed
+                        return Response(status_code=499)  # never sent: the client closed the request
                     results[i] = payload
             except asyncio.CancelledError:  # uvicorn's shutdown grace is over: an answer, not a traceback
                 return JSONResponse(shut_down.body(), status_code=shut_down.status)
