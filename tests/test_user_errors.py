@@ -356,3 +356,38 @@ def test_config_help_names_the_recipes(capsys) -> None:
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "recipe shipped with nanophi (cpu-fast, nanogpt-cpu)" in text
+
+
+# --- the other commands that write: export, prepare (and eval's one number) -----------------------------------
+def test_export_force_replaces_only_an_earlier_export(trained, tmp_path: Path, capsys) -> None:
+    run = trained[0]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"theme": "dark"}\n')
+    (mine / "notes.txt").write_text("mine\n")
+    before = snapshot(mine)
+    refused(capsys, ["export", str(run), "--format", "hf", "--out", str(mine)], "--force")
+    refused(capsys, ["export", str(run), "--format", "hf", "--out", str(mine), "--force"], "did not write")
+    assert snapshot(mine) == before
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
+    assert main(["export", str(run), "--format", "hf", "--out", str(out), "--force"]) == 0  # its own: replaced
+
+
+def test_prepare_and_eval_inputs(trained, tmp_path: Path, capsys) -> None:
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("keep me\n")
+    refused(capsys, ["prepare", "--data", str(trained[1]), "--out", str(a_file)], "is a file")
+    refused(capsys, ["prepare", "--data", str(trained[1]), "--tokenizer", "bpe", "--vocab-size", str(10**12)],
+            "--vocab-size must be in [2,")
+    refused(capsys, ["eval", str(trained[0]), "--batch-size", "0"], "--batch-size must be in [1,")
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_export_and_prepare_on_a_read_only_disk(trained, tmpfs: Path, capsys) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    refused(capsys, ["export", str(trained[0]), "--format", "hf", "--out", str(tmpfs / "hf")], "Read-only file system")
+    refused(capsys, ["export", str(trained[0]), "--format", "gguf", "--out", str(tmpfs / "m.gguf")],
+            "Read-only file system")
+    refused(capsys, ["prepare", "--data", str(trained[1]), "--out", str(tmpfs / "p")], "Read-only file system")
+    assert list(tmpfs.iterdir()) == []

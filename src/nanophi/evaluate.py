@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanophi.config import MAX_BATCH, check_range
+
+    check_range("batch_size", args.batch_size, 1, MAX_BATCH)
     result = evaluate_model(args.model, args.data, args.split, args.device, args.batch_size)
     if args.json:
         print(json.dumps(result))

@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from nanophi.errors import UserError
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "gguf")
+# What an HF export writes (convert.hf.export_hf); --force replaces a directory holding only these.
+HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                             "tokenizer_config.json"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def export(model_ref: str, fmt: str, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
-    """Export the model behind `model_ref` to `out`; returns the path written."""
-    import torch
-
+    """Export the model behind `model_ref` to `out`; returns the path written. `force` replaces an earlier
+    export only (a .gguf file, or a directory holding nothing but the files an HF export writes): never
+    anything else a user keeps there."""
     from nanophi.refs import load_model
 
     if fmt not in FORMATS:
@@ -42,9 +46,31 @@ def export(model_ref: str, fmt: str, out: str | Path, dtype: str = "float32", fo
     out = Path(out)
     if fmt == "gguf" and out.suffix.lower() != ".gguf":
         out = out / "model.gguf" if out.is_dir() else out.with_suffix(".gguf")
-    if not force and out.exists() and (out.is_file() or any(out.iterdir())):
-        raise UserError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        if not force:
+            raise UserError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+        earlier = (out.is_file() and out.suffix.lower() == ".gguf" if fmt == "gguf"
+                   else out.is_dir() and {p.name for p in out.iterdir()} <= HF_EXPORT_FILES)
+        if not earlier:
+            raise UserError(f"{out} holds files an export did not write, so --force will not overwrite it; "
+                            "choose a new or empty --out")
     model, tokenizer = load_model(model_ref, "cpu", max_context=None)
+    try:
+        path = _write(model, tokenizer, fmt, out, dtype)
+    except OSError as e:
+        from nanophi.checkpoint import DISK_ERRNOS
+
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise UserError(f"cannot write {e.filename or out}: {e.strerror}; choose a writable --out with free space"
+                        ) from None
+    log.info(f"wrote {path}")
+    return path
+
+
+def _write(model: Any, tokenizer: Any, fmt: str, out: Path, dtype: str) -> Path:
+    import torch
+
     if fmt == "hf":
         from nanophi.convert.hf import export_hf
 
@@ -56,7 +82,6 @@ def export(model_ref: str, fmt: str, out: str | Path, dtype: str = "float32", fo
         if dtype == "bfloat16":
             raise UserError("GGUF export supports --dtype float32 or float16")
         path = write_gguf(model, tokenizer, out, "f16" if dtype == "float16" else "f32")
-    log.info(f"wrote {path}")
     return path
 
 

@@ -136,6 +136,31 @@ def prepare(
     """
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), not {val_fraction}; e.g. 0.1")
+    from nanophi.config import MAX_VOCAB, check_range
+
+    check_range("vocab_size", vocab_size, 2, MAX_VOCAB)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a directory; pass an empty or new --out")
+    try:
+        return _prepare(source, tokenizer, vocab_size, val_fraction, glob, out_dir, tokenizer_obj)
+    except OSError as e:
+        from nanophi.checkpoint import DISK_ERRNOS
+
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise UserError(f"cannot write prepared data to {e.filename or out_dir or cache_root()}: {e.strerror}; "
+                        "free space, or choose a writable --out (or $NANOPHI_CACHE)") from None
+
+
+def _prepare(
+    source: str | None,
+    tokenizer: str,
+    vocab_size: int,
+    val_fraction: float,
+    glob: str,
+    out_dir: Path | None,
+    tokenizer_obj: Tokenizer | None,
+) -> PreparedData:
     timer = _PhaseTimer()
     with timer.phase("hash"):
         corpus = _scan_corpus(source, glob)

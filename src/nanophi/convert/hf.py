@@ -135,8 +135,12 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         return out
     if (path / "pytorch_model.bin").exists():
         # Only tensors are unpickled (weights_only): a .bin holding anything else could run code when loaded.
+        import warnings
+
         try:
-            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it is about to refuse
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError for foreign objects; RuntimeError/EOFError/... for a damaged file
             raise UserError(f"{path / 'pytorch_model.bin'} cannot be loaded as plain tensors ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); nanophi never unpickles "
