@@ -5,6 +5,10 @@
 
 Everything is deterministic given the seed on CPU: the batch sampler, dropout and init draw from seeded
 generators whose states go into every checkpoint, so `--resume` continues bit for bit.
+
+`--out` must be new, empty, or a nanophi run (it holds `nanophi-run.json`, or is a run from before that marker
+with a `last` checkpoint): an existing directory of anything else is refused before any work starts, so training
+never overwrites a `config.json` or prunes a `ckpt-*` folder that is not its own (see nanophi.checkpoint).
 """
 
 from __future__ import annotations
@@ -466,8 +470,8 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] | None = None) -> dict[s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from nanophi.config import recipes
 
-    parser.add_argument("--config", metavar="FILE.toml|NAME",
-                        help=f"TOML recipe of overrides: a file, or a recipe shipped with nanophi ({', '.join(recipes())})")
+    parser.add_argument("--config", metavar="FILE.toml|NAME", help="TOML recipe of overrides: a file, or a recipe "
+                        f"shipped with nanophi ({', '.join(recipes())})")
     add_dataclass_arguments(parser, DataConfig)
     add_dataclass_arguments(parser, GPTConfig)
     add_dataclass_arguments(parser, TrainConfig)
