@@ -186,6 +186,58 @@ def test_the_number_checker_catches_drift(tmp_path: Path) -> None:
         evaluate("{a/b} + __import__('os')", data)
 
 
+SAMPLE = re.compile(r"<!--\s*sample:\s*(?P<file>\S+)\s*-->\s*\n```text\n(?P<body>.*?)```", re.S)
+SAMPLE_LINE = re.compile(r"^(?P<field>prompt|model|book):\s*(?P<text>.*)$")
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def samples_shown(doc: Path) -> list[tuple[str, dict[str, str], int]]:
+    """(samples file, {field: text}, line) of every `<!-- sample: FILE.jsonl -->` text block in `doc`.
+
+    A block's lines are `prompt: ...`, `model: ...` and `book: ...`, indented lines continue the one above, and an
+    ellipsis at either end marks a cut.
+    """
+    text = doc.read_text(encoding="utf-8")
+    out = []
+    for m in SAMPLE.finditer(text):
+        fields: dict[str, str] = {}
+        field = None
+        for line in m.group("body").splitlines():
+            lm = SAMPLE_LINE.match(line)
+            if lm:
+                field = lm.group("field")
+            elif field is None or not line[:1].isspace():
+                continue  # not part of a sample
+            text = lm.group("text") if lm else line
+            fields[field] = (fields.get(field, "") + " " + text.strip()).strip()
+        out.append((m.group("file"), fields, text.count("\n", 0, m.start()) + 1))
+    return out
+
+
+def check_samples(doc: Path) -> int:
+    """Every shown sample is one row of its samples file: each field a piece of that row's field."""
+    checked = 0
+    for file, fields, line in samples_shown(doc):
+        path = ROOT / file
+        if not path.is_file():
+            pytest.skip(f"{file} is not committed yet (another issue-15 task produces it)")
+        rows = [json.loads(r) for r in path.read_text(encoding="utf-8").splitlines() if r.strip()]
+        assert fields, f"{doc.name}:{line}: a sample block needs prompt:/model:/book: lines"
+        wanted = {k: _squash(v.strip("…")) for k, v in fields.items()}
+        assert any(all(w in _squash(str(row.get(k, ""))) for k, w in wanted.items()) for row in rows), (
+            f"{doc.name}:{line}: the sample is not a row of {file} (copy it again from the file): {fields}")
+        checked += 1
+    return checked
+
+
+def test_article_samples_are_the_models_own() -> None:
+    assert samples_shown(ARTICLE), "the article shows no generated text (<!-- sample: FILE.jsonl --> blocks)"
+    assert check_samples(ARTICLE) > 0
+
+
 def test_article_is_long_form() -> None:
     text = ARTICLE.read_text(encoding="utf-8")
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
@@ -226,3 +278,17 @@ def test_the_checker_catches_drift() -> None:
     assert appears_in("def f(self):\n    return 1\n", source)
     assert not appears_in("def f(self):\n    return 2\n", source)
     assert not appears_in("def f(self):\nreturn 1\n", source)
+
+
+def test_the_sample_checker_catches_drift(tmp_path: Path) -> None:
+    rows = tmp_path / "samples.jsonl"
+    rows.write_text(json.dumps({"prompt": "It is a truth\nuniversally", "model": " acknowledged, that a man",
+                                "book": " acknowledged"}) + "\n", encoding="utf-8")
+    doc = tmp_path / "doc.md"
+    block = "prompt: …a truth universally\nmodel:  acknowledged,\n        that a man…\n"
+    doc.write_text(f"<!-- sample: {rows} -->\n```text\n{block}```\n", encoding="utf-8")
+    assert samples_shown(doc)[0][1] == {"prompt": "…a truth universally", "model": "acknowledged, that a man…"}
+    assert check_samples(doc) == 1
+    doc.write_text(f"<!-- sample: {rows} -->\n```text\n{block.replace('man', 'woman')}```\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="not a row"):
+        check_samples(doc)

@@ -2,7 +2,8 @@
 
 Every slide has speaker notes, the notes add up to a ten-minute talk, the committed HTML in docs/slides/build/ is
 what `make slides` builds from the Markdown today, and every number marked `<!-- = FILE: EXPR -->` on a slide
-equals its results file (the mechanism of tests/test_article.py). Code excerpts and images are checked there too.
+equals its results file and every generated text shown is a row of its samples file (the mechanisms of
+tests/test_article.py). Code excerpts and images are checked there too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-from test_article import ROOT, check_doc_claims, claims, cited_files
+from test_article import ROOT, check_doc_claims, check_samples, cited_files, claims, samples_shown
 
 SLIDES = ROOT / "docs" / "slides"
 DECKS = [SLIDES / "part1.md", SLIDES / "part2.md"]
@@ -66,7 +67,8 @@ def test_deck_has_what_the_talk_needs(deck: Path) -> None:
     assert "limitations" in titles, f"{deck.name} needs a Limitations slide"
     if deck.name == "part1.md":
         assert "<!-- source: src/nanophi/train.py -->" in text, "part 1 shows the training loop from train.py"
-        assert "artifacts/pride-and-prejudice/samples.md" in text, "part 1 shows the committed model's samples"
+        assert any(f == "artifacts/pride-and-prejudice/samples.jsonl" for f, _, _ in samples_shown(deck)), (
+            "part 1 shows the committed model's samples (<!-- sample: artifacts/pride-and-prejudice/samples.jsonl -->)")
     else:
         figures = sorted(p.name for p in (ROOT / "docs" / "case_study" / "figures").glob("*.png"))
         missing = [f for f in figures if f"../case_study/figures/{f}" not in text]
@@ -90,6 +92,10 @@ def test_built_html_is_up_to_date(deck: Path, tmp_path: Path) -> None:
                          ids=lambda v: v.name if isinstance(v, Path) else v)
 def test_slide_numbers_match_their_results_file(deck: Path, results_file: str) -> None:
     check_doc_claims(deck, results_file)
+
+
+def test_generated_text_on_the_slides_is_the_models_own() -> None:
+    assert check_samples(DECKS[0]) > 0
 
 
 @pytest.mark.parametrize("deck", DECKS, ids=lambda p: p.name)
