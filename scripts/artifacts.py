@@ -355,7 +355,7 @@ def write_index(out: Path) -> Path:
     """INDEX.md: every published file with its size and sha256, grouped by folder, with the command that made it."""
     lines = ["# nanophi artifacts", "",
              "Made by `scripts/artifacts.py` (`make artifacts`); docs/artifacts.md says how to rebuild and publish.",
-             "The sha256 of each file is checked by `tests/test_scripts.py` for the weights.", ""]
+             "`tests/test_scripts.py` checks the weights against the sha256 given here.", ""]
     for folder in sorted(p for p in out.iterdir() if p.is_dir() and (p / "metrics.json").is_file()):
         m = json.loads((folder / "metrics.json").read_text())
         lines += [f"## {folder.name}/", "", _headline(folder, m), "",
@@ -375,7 +375,8 @@ def write_index(out: Path) -> Path:
 def _headline(folder: Path, m: dict[str, Any]) -> str:
     if "val" in m:
         return (f"A {m['params'] / 1e6:.2f}M-parameter character-level GPT trained on `{m['source']}` "
-                f"({m['recipe']}, {m['steps']} steps, {m['train_time_s']} s of training): held-out loss "
+                f"({m['recipe']}, {m['steps']} steps, {m['train_time_s']} s of training at load average "
+                f"{m['machine']['load_avg_1min']}): held-out loss "
                 f"{m['val']['loss']} nats/token, {m['val']['bpb']} bits per byte. Load it with "
                 f"`nanophi sample artifacts/{folder.name} --prompt \"...\"`.")
     b, a = m["before"]["humaneval"], m["after"]["humaneval"]
@@ -413,7 +414,8 @@ def _command() -> list[str]:
 def _portable(arg: str) -> str:
     """A path inside the repository as a repository-relative path; anything else unchanged."""
     try:
-        return Path(arg).resolve().relative_to(ROOT).as_posix() if Path(arg).exists() else arg
+        # absolute(), not resolve(): recipes/ is a link into the package, and the path the user typed is the one to keep
+        return Path(arg).absolute().relative_to(ROOT).as_posix() if Path(arg).exists() else arg
     except ValueError:
         return arg
 
