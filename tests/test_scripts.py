@@ -67,6 +67,18 @@ def test_artifacts_smoke(corpus_file: Path, tmp_path: Path) -> None:
     assert "data_dir" not in json.loads((book / "state.json").read_text()), "no local cache path is published"
 
 
+def test_artifacts_prompts_start_at_paragraphs_and_carry_the_real_continuation() -> None:
+    artifacts = load("artifacts")
+    text = "".join(f"Paragraph {i} says something quite long about nothing in particular.\n\n" for i in range(400))
+    rows = artifacts.book_prompts(text, n=10, prompt_chars=60, truth_chars=40)
+    assert len(rows) == 10 and len({r["offset_chars"] for r in rows}) == 10
+    for r in rows:
+        at = r["offset_chars"]
+        assert text[at - 2:at] == "\n\n" and r["prompt"].startswith("Paragraph")
+        assert text[at:].startswith(r["prompt"] + r["book"]) and len(r["book"]) == 40
+        assert not r["prompt"].endswith(" ") and len(r["prompt"]) <= 60
+
+
 def test_artifacts_refuses_a_missing_book(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     artifacts = load("artifacts")
     assert artifacts.main([str(tmp_path / "nope.txt"), "--out", str(tmp_path / "a")]) == 2
