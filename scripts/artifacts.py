@@ -45,7 +45,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "nanogpt-cpu.toml"
-DEFAULT_BOOK = "data/pride_and_prejudice.txt"
+DEFAULT_BOOK = str(ROOT / "data" / "pride_and_prejudice.txt")  # from any working directory
 DEFAULT_NAME = "pride-and-prejudice"
 # The showcase run's own flags, on top of the recipe: diagnostics for the report, no live dashboard.
 SHOWCASE_FLAGS = ["--tokenizer", "char", "--debug-interval", "100", "--sample-interval", "500", "--dashboard", "off"]
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("book", nargs="?", default=DEFAULT_BOOK,
-                        help=f"any nanophi data source: a text file, gutenberg:<id>, a folder (default {DEFAULT_BOOK})")
+                        help="any nanophi data source: a text file, gutenberg:<id>, a folder "
+                             "(default data/pride_and_prejudice.txt)")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"the published folder's name (default {DEFAULT_NAME})")
     parser.add_argument("--out", default=str(ROOT / "artifacts"), help="where to publish (default: artifacts/)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "artifacts"), help="where the training run goes")
