@@ -142,10 +142,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                 warnings.simplefilter("ignore", UserWarning)
                 return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError for foreign objects; RuntimeError/EOFError/... for a damaged file
-            raise UserError(f"{path / 'pytorch_model.bin'} cannot be loaded as plain tensors ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); nanophi never unpickles "
-                            "code: convert it to model.safetensors where you trust it (transformers' "
-                            "save_pretrained(..., safe_serialization=True))") from None
+            import pickle
+
+            why = ("it holds pickled objects other than tensors" if isinstance(e, pickle.UnpicklingError)
+                   else f"it is damaged or not a torch file ({type(e).__name__})")
+            raise UserError(f"{path / 'pytorch_model.bin'} cannot be loaded as plain tensors: {why}, and nanophi "
+                            "never unpickles code; convert it to model.safetensors where you trust it "
+                            "(transformers' save_pretrained(..., safe_serialization=True))") from None
     raise UserError(f"{path} has no model.safetensors (or shards, or pytorch_model.bin)")
 
 
