@@ -214,3 +214,26 @@ def test_missing_framework_is_a_user_error(gpt2_run: Path, monkeypatch: pytest.M
     monkeypatch.delitem(sys.modules, "nanophi.ports.jax", raising=False)
     assert main(["parity", str(gpt2_run), "--backend", "jax"]) == 2
     assert "pip install -e '.[jax]'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the notebooks' recorded runs (docs/ports_results.json, written from notebooks 03 and 04 at full settings)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+NOTEBOOK_RUNS = ("03_gpt_in_keras", "04_gpt_in_jax")
+
+
+def test_notebook_results_are_recorded_and_quoted() -> None:
+    """Each notebook's full run learned (val loss well below a uniform guess), its port matched PyTorch, and
+    docs/ports.md quotes the recorded numbers rather than its own."""
+    results = json.loads((DOCS / "ports_results.json").read_text(encoding="utf-8"))
+    doc = (DOCS / "ports.md").read_text(encoding="utf-8")
+    for name in NOTEBOOK_RUNS:
+        r = results[name]
+        m = r["model"]
+        assert not r["smoke"] and (m["n_layer"], m["n_head"], m["n_embd"], m["block_size"]) == (4, 4, 128, 64), name
+        assert r["val_loss"] < math.log(r["vocab_size"]) - 2.0 and 0.3 < r["val_accuracy"] < 1.0, name
+        parity = r["parity"]
+        assert parity["max_abs_diff"] <= TOLERANCE and parity["greedy_match"] and parity["greedy_tokens"] > 0, name
+        for number in (f"{r['val_loss']:.3f}", f"{r['val_accuracy']:.3f}", f"{parity['max_abs_diff']:.1e}"):
+            assert number in doc, f"docs/ports.md should quote {name}'s {number} from ports_results.json"
