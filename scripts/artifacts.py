@@ -341,12 +341,12 @@ def write_teacher_markdown(folder: Path, rows: list[dict[str, Any]], m: dict[str
              f"| HumanEval | {tally('humaneval', 'before')} | {tally('humaneval', 'after')} |",
              f"| held-out exercises | {tally('heldout', 'before')} | {tally('heldout', 'after')} |", ""]
     for r in rows:
-        lines += [f"## {r['task_id']}", "", "```python", r["prompt"].rstrip("\n"), "```", ""]
+        lines += [f"## {r['task_id']}", "", "````python", r["prompt"].rstrip("\n"), "````", ""]
         for when in ("before", "after"):
             v = r[when]
             mark = "pass" if v["passed"] else f"fail ({v['reason'] or v['status']})"
-            lines += [f"**{when}**: {mark.splitlines()[0][:160]}", "", "```python",
-                      v["completion"].rstrip("\n") or "# (empty completion)", "```", ""]
+            lines += [f"**{when}**: {mark.splitlines()[0][:160]}", "", "````python",
+                      v["completion"].rstrip("\n") or "# (empty completion)", "````", ""]
     (folder / "samples.md").write_text("\n".join(lines), encoding="utf-8")
 
 
