@@ -391,3 +391,14 @@ def test_export_and_prepare_on_a_read_only_disk(trained, tmpfs: Path, capsys) ->
             "Read-only file system")
     refused(capsys, ["prepare", "--data", str(trained[1]), "--out", str(tmpfs / "p")], "Read-only file system")
     assert list(tmpfs.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["sandbox", "run", "x.py", "--timeout", "abc"], ["train", "--bogus"],
+                                  ["textbook", "dedup"], ["humaneval", "score"]])
+def test_argparse_mistakes_are_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's own errors (a non-number, an unknown flag, a missing argument) are one line too, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0] and "--help" in err[0], err
