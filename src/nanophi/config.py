@@ -98,7 +98,9 @@ class TrainConfig:
     decay_iters: int | None = field(
         default=None, metadata={"help": "step where the lr schedule ends (default: max_iters), as nanoGPT's lr_decay_iters"}
     )
-    max_time: float | None = field(default=None, metadata={"help": "stop training after this many seconds"})
+    max_time: float | None = field(default=None, metadata={
+        "help": "time budget in seconds (a resumed run's included): training stops within it, and the lr "
+                "schedule follows whichever of steps and time is further along, so it still ends at min_lr"})
     optimizer: Literal["adamw", "muon"] = field(
         default="adamw", metadata={"help": "adamw, or muon for hidden matrices with adamw for the rest"}
     )

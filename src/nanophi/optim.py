@@ -1,7 +1,9 @@
 """Optimizers and the learning-rate schedule.
 
 `lr_multiplier(step)` is a pure function of the step (so resume needs no scheduler state); each param group
-keeps its own `base_lr` and the trainer sets `lr = base_lr * multiplier` before every step.
+keeps its own `base_lr` and the trainer sets `lr = base_lr * multiplier` before every step. Under `--max-time`
+the trainer also passes the share of the time budget used by the end of the step, and the schedule follows
+whichever of steps and time is further along, so a run the clock cuts short still decays to min_lr.
 """
 
 from __future__ import annotations
@@ -13,22 +15,29 @@ import torch
 from nanophi.config import TrainConfig
 
 
-def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1, then cosine to min_lr/lr, or warmup-stable-decay (WSD), or constant."""
+def lr_multiplier(step: int, cfg: TrainConfig, time_frac: float | None = None) -> float:
+    """Linear warmup to 1, then cosine to min_lr/lr, or warmup-stable-decay (WSD), or constant.
+
+    `time_frac` (0..1, under --max-time) is the share of the time budget spent when this step ends: progress is
+    then max(step / max_iters, time_frac), i.e. the step counter moves to where the clock says the run is, and
+    time_frac = 1 (the last step the budget allows) gives the floor. Warmup stays counted in real steps: it is
+    there for the optimizer's moment estimates, which need steps, however long they take.
+    """
     floor = cfg.min_lr / cfg.lr
     horizon = cfg.decay_iters or cfg.max_iters
-    if step < cfg.warmup_iters:
+    if step < cfg.warmup_iters and (time_frac is None or time_frac < 1.0):
         return (step + 1) / (cfg.warmup_iters + 1)
     if cfg.schedule == "constant":
         return 1.0
+    at: float = step if time_frac is None else max(step, min(1.0, time_frac) * cfg.max_iters)
     if cfg.schedule == "wsd":
         decay_start = int(horizon * (1 - cfg.decay_frac))
-        if step < decay_start:
+        if at < decay_start:
             return 1.0
-        frac = (step - decay_start) / max(1, horizon - decay_start)
+        frac = (at - decay_start) / max(1, horizon - decay_start)
         return 1.0 - (1.0 - floor) * min(1.0, frac)
     # cosine from the end of warmup to the horizon, then stay at the floor
-    frac = min(1.0, (step - cfg.warmup_iters) / max(1, horizon - cfg.warmup_iters))
+    frac = min(1.0, max(0.0, at - cfg.warmup_iters) / max(1, horizon - cfg.warmup_iters))
     return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * frac))
 
 

@@ -82,6 +82,7 @@ class Trainer:
         self.best_val = math.inf
         self.evals_since_best = 0
         self.tokens_seen = 0
+        self.train_time_s = 0.0  # seconds in fit() so far, earlier sessions of a resumed run included
         self.last_good: Path | None = None
         self.callbacks: list[Callback] = list(callbacks) if callbacks is not None else build_callbacks(self)
         if self.rank != 0:
@@ -93,10 +94,11 @@ class Trainer:
             self.check_hooks = install_checks(self.raw_model)  # shape/dtype/id-range asserts; none when off
 
     # --- one step -------------------------------------------------------------------------------------------
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step over `grad_accum` micro-batches; returns the step's record."""
+    def train_step(self, time_frac: float | None = None) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's record. `time_frac`: the share
+        of --max-time spent when this step ends (the lr schedule follows it, see nanophi.optim.lr_multiplier)."""
         tc = self.cfg.train
-        mult = lr_multiplier(self.step, tc)
+        mult = lr_multiplier(self.step, tc, time_frac)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
         for cb in self.callbacks:
@@ -190,6 +192,7 @@ class Trainer:
             return None
         state = {"best_val": self.best_val if math.isfinite(self.best_val) else None,
                  "evals_since_best": self.evals_since_best, "tokens_seen": self.tokens_seen,
+                 "train_time_s": self.train_time_s,
                  "data_sha256": self.data.meta.get("sha256"), "data_dir": str(self.data.dir)}
         path = checkpoint.save(self.run_dir, self.step, model, self.cfg.to_dict(), state,
                                trainer, self.data.dir / "tokenizer", links)
@@ -207,6 +210,7 @@ class Trainer:
         self.best_val = ckpt.state.get("best_val") or math.inf
         self.evals_since_best = ckpt.state.get("evals_since_best", 0)
         self.tokens_seen = ckpt.state.get("tokens_seen", 0)
+        self.train_time_s = ckpt.state.get("train_time_s", 0.0)
         self.last_good = ckpt.path
         log.info(f"resumed from {ckpt.path} at step {self.step}")
 
@@ -219,12 +223,16 @@ class Trainer:
             cb.on_train_start(self)
         self.mfu(1.0)  # measure the device's peak now (a ~0.5 s probe on CPUs), not on the training clock
         log.info(f"mfu: against a peak of {self._peak / 1e12:.3g} TFLOP/s per device ({self._peak_source})")
-        t_start = time.perf_counter()
+        t_start = time.perf_counter() - self.train_time_s  # a resumed run continues its time budget
         t_window, window_steps = time.perf_counter(), 0
         stop_reason = "max_iters"
+        step_s = 0.0  # the last step's duration: how far one more step moves the clock
         while self.step < tc.max_iters:
             first = self.step == 0
-            record = self.train_step()
+            time_frac = self._time_frac(time.perf_counter() - t_start, step_s)
+            t_step = time.perf_counter()
+            record = self.train_step(time_frac)
+            step_s = time.perf_counter() - t_step
             window_steps += 1
             if first and tc.checks == "on":
                 self._check_init_loss(record["loss"])
@@ -244,9 +252,8 @@ class Trainer:
                     cb.on_log(self, record)
                 t_window, window_steps = time.perf_counter(), 0
             done = self.step == tc.max_iters
-            out_of_time = tc.max_time is not None and time.perf_counter() - t_start >= tc.max_time
-            if tc.max_time is not None and self.world_size > 1:
-                out_of_time = distributed.broadcast_object(out_of_time)  # rank 0's clock decides for all ranks
+            out_of_time = time_frac is not None and time_frac >= 1.0  # that was the budget's last step
+            self.train_time_s = time.perf_counter() - t_start
             if self.step % tc.eval_interval == 0 or done or out_of_time:
                 if self._eval_and_checkpoint():
                     stop_reason = "early_stop"
@@ -261,11 +268,23 @@ class Trainer:
                 stop_reason = "max_time"
                 break
         summary = {"step": self.step, "best_val_loss": self.best_val, "stop_reason": stop_reason,
-                   "train_time_s": time.perf_counter() - t_start, "tokens_seen": self.tokens_seen,
+                   "train_time_s": time.perf_counter() - t_start,  # resumed runs: all sessions together "tokens_seen": self.tokens_seen,
                    "run_dir": str(self.run_dir)}
         for cb in self.callbacks:
             cb.on_train_end(self, summary)
         return summary
+
+    def _time_frac(self, elapsed: float, step_s: float) -> float | None:
+        """Under --max-time, the share of the budget spent when the next step ends (that step's duration taken
+        as the last one's); >= 1 makes it the last step, run at the schedule's floor. Rank 0's clock decides for
+        all ranks, so every rank uses the same lr and stops at the same step. None without --max-time."""
+        max_time = self.cfg.train.max_time
+        if max_time is None:
+            return None
+        frac = min(1.0, (elapsed + step_s) / max_time)
+        if self.world_size > 1:
+            frac = distributed.broadcast_object(frac)
+        return frac
 
     def _eval_and_checkpoint(self) -> bool:
         """Evaluate, checkpoint `last` (and `best` if improved). Returns True when early stopping fires."""
