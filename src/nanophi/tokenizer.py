@@ -39,13 +39,18 @@ EOT_TOKEN = "<|endoftext|>"
 MIN_BPE_VOCAB = 257  # the 256 byte tokens plus <|endoftext|>
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # SentencePiece's byte tokens, e.g. <0x0A>
 
-# How byte-level BPE cuts text into words before merging bytes: GPT-2's regex without its `\s+(?!\S)` look-ahead.
-# The look-ahead forces a backtracking regex engine: without it tiktoken encodes ~2.5x faster (8 -> 20 MB per
-# CPU-second here), and an 8192-token BPE compressed held-out Python, prose and the pydoc topics slightly better
-# (3.70/3.50/4.00 bytes per token vs 3.69/3.48/3.97). The one difference: a run of spaces before a word stays
-# whole ("    return" -> "    ", "return") where GPT-2 lends its last space to the word ("   ", " return").
-BPE_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"""
+# How byte-level BPE cuts text into words before merging bytes: exactly GPT-2's regex, which llama.cpp reproduces
+# (its pre-tokenizer "gpt-2"), so a GGUF export tokenizes the same in llama.cpp, Ollama and LM Studio.
+# Tokenizers trained before 2026-12-02 used GPT-2's regex without the `\s+(?!\S)` look-ahead (LEGACY_BPE_SPLIT_PATTERN):
+# a run of spaces before a word stayed whole ("    return" -> "    ", "return") where GPT-2 lends its last space
+# to the word ("   ", " return"). No llama.cpp pre-tokenizer splits that way, so GGUF export refuses those runs;
+# they still load, encode and export to HF, because each tokenizer.json carries its own pattern.
+# The look-ahead costs speed: it needs a backtracking regex engine, and tiktoken (8192-token BPE, one core, quiet
+# machine) encodes stdlib Python at 11.6 MB per CPU-second instead of 19.2, the pydoc topics at 9.6 instead of
+# 23.0 (`tokenizers` does 1.6-2.1 either way); bytes per token 3.663 vs 3.673 (Python), 4.095 vs 4.149 (pydoc).
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+BPE_SPLIT_PATTERN = GPT2_SPLIT_PATTERN
+LEGACY_BPE_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"""
 
 
 class Tokenizer(Protocol):
