@@ -268,7 +268,8 @@ class Trainer:
                 stop_reason = "max_time"
                 break
         summary = {"step": self.step, "best_val_loss": self.best_val, "stop_reason": stop_reason,
-                   "train_time_s": time.perf_counter() - t_start,  # resumed runs: all sessions together "tokens_seen": self.tokens_seen,
+                   "train_time_s": time.perf_counter() - t_start,  # resumed runs: all sessions together
+                   "tokens_seen": self.tokens_seen,
                    "run_dir": str(self.run_dir)}
         for cb in self.callbacks:
             cb.on_train_end(self, summary)
