@@ -5,6 +5,7 @@
     python scripts/artifacts.py book.txt --name my-book -- --max-iters 5000   # extra `nanophi train` flags after --
     python scripts/artifacts.py --teacher                        # the teacher before/after its fine-tune (~15 min)
     python scripts/artifacts.py book.txt --smoke --out /tmp/a    # tiny settings, to check the script in seconds
+    python scripts/artifacts.py --index                          # only INDEX.md (after scripts/case_study_samples.py)
 
 writes
 
@@ -73,6 +74,9 @@ FILE_NOTES = {
     "samples.md": "the samples, to read",
     "samples.jsonl": "the same samples, one JSON object per line",
 }
+# artifacts/case-study/ is written by scripts/case_study_samples.py; its metrics.json has the arms' counts
+FILE_NOTES_BY_FOLDER = {"case-study": {"metrics.json": "every arm's counts over all problems, bits per byte, the "
+                                                       "preset, the commands that made the run"}}
 
 log = logging.getLogger("artifacts")
 
@@ -94,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead of training: the teacher's HumanEval completions before and after fine-tuning")
     parser.add_argument("--problems", type=int, default=TEACHER_PROBLEMS, help="HumanEval problems for --teacher")
     parser.add_argument("--smoke", action="store_true", help="tiny settings, to check the script in seconds")
+    parser.add_argument("--index", action="store_true",
+                        help="only rewrite INDEX.md from the folders in --out (after scripts/case_study_samples.py)")
     args = parser.parse_args(argv)
+    if args.index:
+        print(write_index(Path(args.out)))
+        return 0
 
     from nanophi.errors import UserError
 
@@ -365,7 +374,8 @@ def write_index(out: Path) -> Path:
                   "| file | what it is | size | sha256 |", "|---|---|---|---|"]
         for p in sorted(q for q in folder.rglob("*") if q.is_file()):
             rel = p.relative_to(folder).as_posix()
-            lines.append(f"| `{folder.name}/{rel}` | {FILE_NOTES.get(rel, '')} | {_size(p.stat().st_size)} | "
+            note = FILE_NOTES_BY_FOLDER.get(folder.name, {}).get(rel, FILE_NOTES.get(rel, ""))
+            lines.append(f"| `{folder.name}/{rel}` | {note} | {_size(p.stat().st_size)} | "
                          f"`{sha256(p)}` |")
         lines.append("")
     index = out / "INDEX.md"
@@ -380,6 +390,13 @@ def _headline(folder: Path, m: dict[str, Any]) -> str:
                 f"{m['machine']['load_avg_1min']}): held-out loss "
                 f"{m['val']['loss']} nats/token, {m['val']['bpb']} bits per byte. Load it with "
                 f"`nanophi sample artifacts/{folder.name} --prompt \"...\"`.")
+    if "arms" in m:  # artifacts/case-study (scripts/case_study_samples.py)
+        a = next(iter(m["arms"].values()))
+        passed = sum(x["all"]["humaneval_passed"] for x in m["arms"].values())
+        return (f"The case study's {len(m['arms'])} student arms ({m['preset']} preset, seed {a['seed']}, "
+                f"{a['params'] / 1e6:.2f}M parameters each): the first {m['problems_per_split']} HumanEval problems and "
+                f"held-out exercises with every arm's completion and the sandbox's verdict; {passed} of "
+                f"{len(m['arms']) * m['humaneval_problems']} HumanEval completions pass. The weights are not kept.")
     b, a = m["before"]["humaneval"], m["after"]["humaneval"]
     return (f"{m['model']} on the first {b['n']} HumanEval problems before and after the case study's exercise "
             f"fine-tune: {b['passed']}/{b['n']} -> {a['passed']}/{a['n']} pass, parse rate {b['parse_rate']:.0%} -> "

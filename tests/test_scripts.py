@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import json
 import re
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -98,6 +101,59 @@ def test_artifacts_fetches_gutenberg_ids_or_fails_in_one_line(
     assert err.startswith("artifacts: error: could not download gutenberg:1342") and err.count("\n") == 1
 
 
+@pytest.fixture
+def fake_gutenberg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A loopback server holding book 1342 where gutenberg.org does (licence header and footer included, so the
+    stripping is exercised); yields the paths requested."""
+    from conftest import CORPUS
+
+    book = tmp_path / "site" / "cache" / "epub" / "1342" / "pg1342.txt"
+    book.parent.mkdir(parents=True)
+    book.write_text("The Project Gutenberg eBook of a test\r\n\r\n*** START OF THE PROJECT GUTENBERG EBOOK TEST ***"
+                    "\r\n\r\n" + (CORPUS * 40).replace("\n", "\r\n")
+                    + "\r\n*** END OF THE PROJECT GUTENBERG EBOOK TEST ***\r\nSection 1. General Terms of Use\r\n",
+                    encoding="utf-8")
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, directory=str(tmp_path / "site"), **kwargs)
+
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("NANOPHI_GUTENBERG_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    yield requests
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow
+def test_artifacts_builds_from_a_gutenberg_id(fake_gutenberg: list[str], tmp_path: Path) -> None:
+    """`make artifacts BOOK=gutenberg:1342`, against a loopback Gutenberg: downloaded once, the licence stripped,
+    and the published config names the source as the user typed it (not the cache path)."""
+    artifacts = load("artifacts")
+    out = tmp_path / "artifacts"
+    argv = ["gutenberg:1342", "--out", str(out), "--runs", str(tmp_path / "runs"), "--name", "book", "--smoke"]
+    assert artifacts.main(argv) == 0
+    assert fake_gutenberg == ["/cache/epub/1342/pg1342.txt"], "one download; training and sampling read the cache"
+    book = out / "book"
+    metrics = json.loads((book / "metrics.json").read_text())
+    assert metrics["source"] == "gutenberg:1342" and metrics["steps"] == 20 and metrics["val"]["loss"] > 0
+    assert json.loads((book / "config.json").read_text())["data"]["data"] == "gutenberg:1342"
+    samples = [json.loads(line) for line in (book / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == artifacts.N_PROMPTS and all(s["model"] and s["book"] for s in samples)
+    assert not any("Gutenberg" in s["prompt"] + s["book"] for s in samples), "the licence is not part of the book"
+    assert "`book/model.safetensors`" in (out / "INDEX.md").read_text()
+
+
 def test_the_committed_model_loads_samples_and_matches_its_index() -> None:
     """A clean clone's artifacts/pride-and-prejudice: the sha256 INDEX.md gives, the layout refs loads, and a
     model that knows the book (its loss on a held-out sample is far below a uniform guess's ln 91 = 4.5)."""
@@ -140,3 +196,48 @@ def test_strip_notebooks(tmp_path: Path) -> None:
     assert strip.strip(nb) is True
     assert strip.strip(nb) is False
     assert all(c.get("outputs", []) == [] for c in json.loads(nb.read_text())["cells"])
+
+
+def test_index_lists_every_artifact_with_its_sha256() -> None:
+    """artifacts/INDEX.md is the table of contents of artifacts/: every committed file, with the right digest."""
+    artifacts = load("artifacts")
+    index = (ROOT / "artifacts" / "INDEX.md").read_text()
+    listed = dict(re.findall(r"^\| `([^`]+)` \|.*\| `([0-9a-f]{64})` \|$", index, re.M))
+    folder = ROOT / "artifacts"
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "INDEX.md"}
+    assert set(listed) == present, "run `python scripts/artifacts.py --index` and commit INDEX.md"
+    stale = [name for name, digest in listed.items() if artifacts.sha256(folder / name) != digest]
+    assert not stale, f"INDEX.md's sha256 is stale for {stale}: run `python scripts/artifacts.py --index`"
+
+
+def test_case_study_samples_are_the_runs_own_verdicts() -> None:
+    """artifacts/case-study: every arm answers the same prompts (HumanEval's own text), and the counts in
+    metrics.json are the rows' verdicts."""
+    from nanophi.humaneval import load_problems
+    from nanophi.textbook.experiment import ARMS
+
+    folder = ROOT / "artifacts" / "case-study"
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert list(metrics["arms"]) == list(ARMS)
+    humaneval = {p["task_id"]: p["prompt"] for p in load_problems()}
+    for arm, m in metrics["arms"].items():
+        mine = [r for r in rows if r["arm"] == arm]
+        for split, shown in m["shown"].items():
+            picked = [r for r in mine if r["split"] == split]
+            assert len(picked) == shown["n"] >= min(10, metrics["heldout_exercises"])
+            assert sum(r["passed"] for r in picked) == shown["passed"]
+            assert sum(r["parses"] for r in picked) == shown["parses"]
+        assert [r["task_id"] for r in mine if r["split"] == "humaneval"] == [f"HumanEval/{i}" for i in range(10)]
+        assert all(r["prompt"] == humaneval[r["task_id"]] for r in mine if r["split"] == "humaneval")
+        assert all(r["passed"] <= r["runs"] <= r["parses"] for r in mine), "a pass runs, and a run parses"
+    md = (folder / "samples.md").read_text()
+    assert all(f"**{arm}**:" in md for arm in ARMS) and md.count("### HumanEval/") == 10
+
+
+def test_case_study_samples_refuses_a_folder_without_results(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    samples = load("case_study_samples")
+    assert samples.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "results.json does not exist" in err and "nanophi textbook experiment" in err and err.count("\n") == 1
