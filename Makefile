@@ -10,9 +10,11 @@ RUN    ?= runs/demo
 DEMO_ARGS ?= --max-iters 2000 --eval-interval 250 --sample-interval 1000
 PYTEST_ARGS ?=
 BOOK ?= data/pride_and_prejudice.txt
+LLAMACPP ?= llama-cpp-python==0.3.36
+LLAMACPP_WHEELS ?= wheels
 ARTIFACTS_ARGS ?=
 
-.PHONY: install demo run-demo test test-fast slides artifacts clean
+.PHONY: install demo run-demo test test-fast test-llamacpp slides artifacts clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +46,13 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+## make test-llamacpp: GGUF exports against llama.cpp itself (tests/test_llamacpp.py, ~1 min; `make test` skips it
+## when llama_cpp is missing). PyPI ships llama-cpp-python as source only: a wheel in $(LLAMACPP_WHEELS)/ is used
+## if there is one, else pip builds llama.cpp (~40 min on 2 cores; pip's cache keeps the wheel for next time).
+test-llamacpp: install
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(VENV)/bin/pip install -q --find-links $(LLAMACPP_WHEELS) $(LLAMACPP)
+	$(PY) -m pytest -q -rP tests/test_llamacpp.py $(PYTEST_ARGS)
 
 ## make slides: docs/slides/*.md -> self-contained offline HTML in docs/slides/build/
 slides: install
