@@ -187,7 +187,8 @@ def test_the_number_checker_catches_drift(tmp_path: Path) -> None:
 
 
 SAMPLE = re.compile(r"<!--\s*sample:\s*(?P<file>\S+)\s*-->\s*\n```text\n(?P<body>.*?)```", re.S)
-SAMPLE_LINE = re.compile(r"^(?P<field>prompt|model|book):\s*(?P<text>.*)$")
+# a field is a key of the row, or a path into it (`after/completion` in artifacts/teacher/samples.jsonl)
+SAMPLE_LINE = re.compile(r"^(?P<field>[a-z_]+(?:/[a-z_]+)*):\s*(?P<text>.*)$")
 
 
 def _squash(text: str) -> str:
@@ -197,8 +198,8 @@ def _squash(text: str) -> str:
 def samples_shown(doc: Path) -> list[tuple[str, dict[str, str], int]]:
     """(samples file, {field: text}, line) of every `<!-- sample: FILE.jsonl -->` text block in `doc`.
 
-    A block's lines are `prompt: ...`, `model: ...` and `book: ...`, indented lines continue the one above, and an
-    ellipsis at either end marks a cut.
+    A block's lines are `FIELD: ...` (`prompt:`, `model:`, `book:`, or a path such as `after/completion:`), indented
+    lines continue the one above, and an ellipsis at either end marks a cut.
     """
     text = doc.read_text(encoding="utf-8")
     out = []
@@ -211,10 +212,17 @@ def samples_shown(doc: Path) -> list[tuple[str, dict[str, str], int]]:
                 field = lm.group("field")
             elif field is None or not line[:1].isspace():
                 continue  # not part of a sample
-            text = lm.group("text") if lm else line
-            fields[field] = (fields.get(field, "") + " " + text.strip()).strip()
+            piece = lm.group("text") if lm else line
+            fields[field] = (fields.get(field, "") + " " + piece.strip()).strip()
         out.append((m.group("file"), fields, text.count("\n", 0, m.start()) + 1))
     return out
+
+
+def _row_field(row: dict, path: str) -> str:
+    node: object = row
+    for key in path.split("/"):
+        node = node.get(key, "") if isinstance(node, dict) else ""
+    return str(node)
 
 
 def check_samples(doc: Path) -> int:
@@ -227,7 +235,7 @@ def check_samples(doc: Path) -> int:
         rows = [json.loads(r) for r in path.read_text(encoding="utf-8").splitlines() if r.strip()]
         assert fields, f"{doc.name}:{line}: a sample block needs prompt:/model:/book: lines"
         wanted = {k: _squash(v.strip("…")) for k, v in fields.items()}
-        assert any(all(w in _squash(str(row.get(k, ""))) for k, w in wanted.items()) for row in rows), (
+        assert any(all(w in _squash(_row_field(row, k)) for k, w in wanted.items()) for row in rows), (
             f"{doc.name}:{line}: the sample is not a row of {file} (copy it again from the file): {fields}")
         checked += 1
     return checked
@@ -292,3 +300,31 @@ def test_the_sample_checker_catches_drift(tmp_path: Path) -> None:
     doc.write_text(f"<!-- sample: {rows} -->\n```text\n{block.replace('man', 'woman')}```\n", encoding="utf-8")
     with pytest.raises(AssertionError, match="not a row"):
         check_samples(doc)
+    rows.write_text(json.dumps({"prompt": "def f():", "after": {"completion": "    return 1", "passed": True}}) + "\n")
+    doc.write_text(f"<!-- sample: {rows} -->\n```text\nprompt: def f():\nafter/completion: return 1\n```\n")
+    assert check_samples(doc) == 1
+    doc.write_text(f"<!-- sample: {rows} -->\n```text\nprompt: def f():\nbefore/completion: return 1\n```\n")
+    with pytest.raises(AssertionError, match="not a row"):
+        check_samples(doc)
+
+
+def test_generated_tables_match_their_results_files() -> None:
+    """A table drawn from a results file (scripts/article_tables.py) is the one the file gives today."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("article_tables", ROOT / "scripts" / "article_tables.py")
+    assert spec and spec.loader
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    text = ARTICLE.read_text(encoding="utf-8")
+    for name in tables.TABLES:
+        m = tables.block(name, text)
+        assert m, f"{ARTICLE.name} has no <!-- begin: {name} --> block"
+        assert m.group(1) == tables.expected(name), f"table {name} is stale: run python scripts/article_tables.py"
+
+
+def test_sample_blocks_carry_their_fields() -> None:
+    """Every shown sample names at least two fields, each with text: a block cut short (a stray ``` inside it)
+    would otherwise check nothing."""
+    for file, fields, line in samples_shown(ARTICLE):
+        assert len(fields) >= 2 and all(v.strip("… ") for v in fields.values()), f"article:{line}: {fields}"
