@@ -6,7 +6,9 @@
 Models built from the gpt2 preset export as GPT2LMHeadModel / GGUF arch gpt2, the llama preset as
 LlamaForCausalLM / arch llama. Switches neither architecture has (qk_norm, relu2, logit soft-capping, learned
 positions with RMSNorm, ...) are refused with the switch named. Char and BPE tokenizers travel along (a char
-vocabulary becomes a WordLevel tokenizer.json that gives HF the same ids).
+vocabulary becomes a WordLevel tokenizer.json that gives HF the same ids). GGUF holds only tokenizers llama.cpp
+reproduces id for id (see convert.gguf); a BPE trained before nanophi split words as GPT-2 does is refused there
+(export it --format hf, or retrain the tokenizer).
 """
 
 from __future__ import annotations

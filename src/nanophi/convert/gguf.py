@@ -8,9 +8,12 @@ Two llama.cpp conventions are undone on the way in:
 - Q and K rows of Llama models are permuted: llama.cpp applies rotary to interleaved pairs (x0,x1),(x2,x3)...
   while HF and nanophi rotate halves (x_i, x_{i+d/2}), so its converter reorders each head's rows. We invert it.
 - The vocabulary is stored as metadata (tokens, merges, token types); we rebuild a `tokenizers` byte-level BPE
-  with the pre-tokenizer llama.cpp uses for that vocabulary (`tokenizer.ggml.pre`).
+  that splits text as llama.cpp does for the pre-tokenizer the file names (`tokenizer.ggml.pre`).
 
-Writing (`write_gguf`) applies the same conventions in reverse, so llama.cpp and transformers can read the file;
+Writing (`write_gguf`) applies the same conventions in reverse, so llama.cpp and transformers can read the file,
+and writes only vocabularies llama.cpp tokenizes exactly as nanophi does (tests/test_llamacpp.py checks it against
+llama-cpp-python 0.3.36): byte-level BPE whose split rule llama.cpp has a name for ("gpt-2", "smollm",
+"llama-bpe"), and char vocabularies in llama.cpp's "rwkv" form. Anything else is refused with the reason.
 nanophi also stores its own config and tokenizer as extra keys, so a nanophi model round-trips exactly.
 """
 
