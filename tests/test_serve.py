@@ -136,11 +136,14 @@ def test_raw_sse_framing(server) -> None:
     (dict(temperature="hot"), 400, "temperature"),
     (dict(top_p=0), 400, "top_p"),
     (dict(n=100), 400, "n"),
-    (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    (dict(stop=list("abcdefghijklmnopq")), 400, "stop"),
     (dict(prompt="x" * 500), 400, "prompt"),
     (dict(prompt="caf\u00e9"), 400, "prompt"),  # a character the char-level model has never seen
     (dict(model="gpt-4"), 404, "model"),
-    (dict(logprobs=2), 400, "logprobs"),
+    (dict(logprobs=21), 400, "logprobs"),
+    (dict(logprobs=True), 400, "logprobs"),
+    (dict(max_tokens=0), 400, "max_tokens"),  # 0 only scores a prompt: with echo
+    (dict(suffix="x"), 400, "suffix"),
 ])
 def test_bad_requests_get_openai_errors(client, kw: dict, status: int, param: str) -> None:
     args = dict(model=NAME, prompt="It was", max_tokens=5) | kw

@@ -1,11 +1,19 @@
-"""`nanophi eval`: loss and bits per byte of a model over a whole data split."""
+"""`nanophi eval`: loss and bits per byte of a model over a whole data split, or lm-evaluation-harness tasks.
+
+    nanophi eval runs/book                                  # val loss and bits per byte on the run's own corpus
+    nanophi eval runs/book --tasks arc_easy,hellaswag       # lm-eval's tasks on nanophi's model (nanophi.harness)
+
+`score_tokens` is the log-probability of every token of a sequence under the model, the one forward pass that
+both `nanophi serve` (echo + logprobs) and the lm-eval adapter score with.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from nanophi import checkpoint
 from nanophi.device import pick_device
@@ -48,6 +56,70 @@ def evaluate_model(
             "tokens": metrics["val_tokens"], "data": prepared.meta.get("source")}
 
 
+# Logits of one scoring batch are (rows, T, vocab) fp32: cap their elements so a 50k vocabulary over a long
+# context does not need gigabytes (2**26 floats = 256 MiB).
+SCORE_LOGIT_BUDGET = 2**26
+
+
+@dataclass
+class TokenScores:
+    """How the model scores one sequence ids[0..n): entry j is about token j + 1 given ids[0..j]."""
+
+    logprobs: list[float]  # log p(ids[j+1] | ids[:j+1])
+    greedy: list[bool]  # ids[j+1] is the model's most likely next token there
+    top: list[list[tuple[int, float]]]  # the top_k (id, logprob) there, most likely first ([] when top_k = 0)
+
+
+def score_tokens(model: Any, rows: Sequence[Sequence[int]], top_k: int = 0, dtype: Any = None) -> list[TokenScores]:
+    """Per-token log-probabilities of each row (n - 1 entries for n tokens), in batches of right-padded rows
+    (the model is causal, so padding after a token never changes its logits). A row longer than the context is
+    read in windows of block_size tokens that advance by half a context, each position scored once with at
+    least half a context before it (Engine's refill rule)."""
+    import torch
+
+    from nanophi.device import autocast
+
+    block = model.config.block_size
+    device = next(model.parameters()).device
+    dtype = dtype or torch.float32
+    # (row, window start, first position scored in it, window end): every position 1..n-1 in exactly one window
+    windows: list[tuple[int, int, int, int]] = []
+    for r, ids in enumerate(rows):
+        n, end = len(ids), min(len(ids), block)
+        windows.append((r, 0, 1, end))
+        while end < n:
+            new_end = min(n, end + block // 2)
+            windows.append((r, new_end - block, end, new_end))
+            end = new_end
+    per_batch = max(1, SCORE_LOGIT_BUDGET // (block * model.config.vocab_size))
+    out = [TokenScores([], [], []) for _ in rows]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for b in range(0, len(windows), per_batch):
+                batch = windows[b:b + per_batch]
+                T = max(e - s for _, s, _, e in batch)
+                x = torch.zeros(len(batch), T, dtype=torch.long)
+                for i, (r, s, _, e) in enumerate(batch):
+                    x[i, :e - s] = torch.tensor(rows[r][s:e], dtype=torch.long)
+                x = x.to(device)
+                with autocast(device, dtype):
+                    logits, _ = model(x, all_logits=True)
+                logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+                for i, (r, s, first, e) in enumerate(batch):
+                    pred = logp[i, first - 1 - s:e - 1 - s]  # the distributions that predict tokens first..e-1
+                    target = x[i, first - s:e - s]
+                    out[r].logprobs += pred.gather(-1, target[:, None])[:, 0].tolist()
+                    out[r].greedy += (pred.argmax(-1) == target).tolist()
+                    if top_k:
+                        values, ids = pred.topk(min(top_k, pred.size(-1)), dim=-1)
+                        out[r].top += [list(zip(i_row, v_row)) for i_row, v_row in zip(ids.tolist(), values.tolist())]
+    finally:
+        model.train(was_training)
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="run directory, checkpoint, GGUF file, HF directory or alias")
     parser.add_argument("--data", default=None, help="corpus to evaluate on (default: the run's own corpus)")
@@ -55,12 +127,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per batch")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--tasks", default=None,
+                        help="lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,hellaswag): score them "
+                             "instead of the loss (needs the eval extra; datasets must be on disk)")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="--tasks: at most this many examples per task (a fraction below 1: that share)")
+    parser.add_argument("--include-path", default=None, help="--tasks: a directory of your own lm-eval task YAMLs")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per prompt")
+    parser.add_argument("--output", default=None,
+                        help="--tasks: where lm-eval's results JSON goes (default: MODEL/lm_eval.json for a "
+                             "directory, else ./lm_eval.json)")
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    """`--tasks`: lm-eval in-process on nanophi's model; prints lm-eval's table, writes its JSON."""
+    import time
+
+    try:
+        from nanophi import harness
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("lm_eval", "datasets", "evaluate"):
+            raise UserError(f"--tasks needs lm-evaluation-harness ({e.name} is not installed): "
+                            "pip install 'nanophi[eval]'") from None
+        raise
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks needs at least one task name, e.g. --tasks arc_easy")
+    if args.limit is not None and not args.limit > 0:
+        raise UserError(f"--limit must be > 0, got {args.limit:g}")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    start = time.perf_counter()
+    results = harness.evaluate_tasks(args.model, tasks, limit, args.include_path, args.device, args.batch_size,
+                                     args.num_fewshot)
+    out = Path(args.output) if args.output else (Path(args.model) if Path(args.model).is_dir() else Path(".")) \
+        / "lm_eval.json"
+    harness.write_results(results, out)
+    print(harness.table(results))
+    print(f"{len(tasks)} task(s) in {time.perf_counter() - start:.1f} s; results: {out}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from nanophi.config import MAX_BATCH, check_range
 
     check_range("batch_size", args.batch_size, 1, MAX_BATCH)
+    if args.tasks is not None:
+        return run_tasks(args)
+    for flag in ("limit", "include_path", "num_fewshot", "output"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag.replace('_', '-')} goes with --tasks")
     result = evaluate_model(args.model, args.data, args.split, args.device, args.batch_size)
     if args.json:
         print(json.dumps(result))

@@ -1,9 +1,19 @@
 """An OpenAI-compatible HTTP server: `nanophi serve MODEL --port 8000`.
 
     GET  /v1/models             the one model served (its name: --model-name, default the reference's name)
-    POST /v1/completions        prompt (string, list of strings, or token ids) -> continuation
+    POST /v1/completions        prompt (string, token ids, or a list of either) -> continuation
     POST /v1/chat/completions   messages -> reply, through the tokenizer's chat template
+    POST /tokenize              {"prompt": text} -> {"tokens": ids}        (vLLM's; lm-eval's remote tokenizer)
+    POST /detokenize            {"tokens": ids} -> {"prompt": text}
+    GET  /tokenizer_info        eos/bos tokens, chat template, context length
     GET  /health                liveness, and the batcher's counters (never needs the API key)
+
+Completions take OpenAI's legacy `logprobs: K` (the K most likely tokens at each position, and always the chosen
+one) and `echo: true` (the prompt's tokens come back first, scored, the first one `null`), with `max_tokens: 0`
+to score a prompt without generating: what lm-evaluation-harness's `local-completions` sends for loglikelihood
+tasks. Chat completions take `logprobs: true` and `top_logprobs: K` in the chat shape. Log-probabilities are the
+model's own (before temperature or top-p), from one forward pass over prompt and completion
+(`nanophi.evaluate.score_tokens`); a prompt scored with `max_tokens: 0` may be longer than the context.
 
 `"stream": true` answers with server-sent events (`data: {...}\\n\\n` ... `data: [DONE]\\n\\n`). Errors are 4xx/5xx
 with OpenAI's body: {"error": {"message", "type", "param", "code"}}.
@@ -44,10 +54,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256  # when a request does not say
 MAX_TOKENS_LIMIT = 4096  # the most one request may ask for (--max-tokens-limit)
 MAX_N = 8  # choices per prompt
-MAX_STOPS = 4  # OpenAI's limit on stop strings
+MAX_STOPS = 16  # OpenAI allows 4; lm-eval sends a task's stop strings plus the EOS text (often 5+)
 TEMPERATURE_RANGE = (0.0, 2.0)
 REPETITION_PENALTY_RANGE = (0.01, 10.0)  # vLLM's extension; 1 = off
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "best_of")
+UNSUPPORTED = ("suffix", "tools", "functions", "logit_bias", "best_of")
+MAX_LOGPROBS = 20  # most alternatives per position (vLLM's default cap; OpenAI's chat allows 20)
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 API_KEY_ENV = "NANOPHI_API_KEY"
@@ -99,6 +110,9 @@ class Job:
     on_delta: Callable[[str], None] | None  # streaming: called from the worker thread
     on_done: Callable[[str, str, int, BaseException | None], None]  # text, finish_reason, tokens, error
     cancelled: threading.Event = field(default_factory=threading.Event)
+    logprobs: int | None = None  # score prompt + completion, with this many alternatives; None: do not score
+    new_ids: list[int] = field(default_factory=list)  # set by the worker: the completion's tokens (its text's)
+    scores: Any = None  # set by the worker when logprobs is asked: nanophi.evaluate.TokenScores
 
 
 class Batcher:
@@ -202,13 +216,34 @@ class Batcher:
         ids = self.engine.generate_ids([j.prompt_ids for j in batch], [j.max_tokens for j in batch],
                                        sampling=[j.sampling for j in batch], stop_ids=self.engine.stop_ids(),
                                        should_stop=should_stop)
-        for job, stream, new in zip(batch, streams, ids):
+        texts = [stream.finish(new) for stream, new in zip(streams, ids)]
+        scored = [j for j in batch if j.logprobs is not None and not j.cancelled.is_set()]
+        for job, new, text in zip(batch, ids, texts):
+            job.new_ids = _tokens_of(self.engine.tokenizer, new, text)
+        if scored:
+            from nanophi.evaluate import score_tokens
+
+            rows = [j.prompt_ids + j.new_ids for j in scored]
+            k = max(max(j.logprobs for j in scored), 1)  # the top 1 tells whether each token was the greedy one
+            for job, scores in zip(scored, score_tokens(self.engine.prefill_model, rows, k, self.engine.dtype)):
+                job.scores = scores
+        for job, stream, new, text in zip(batch, streams, ids, texts):
             self.stats["completion_tokens"] += len(new)
             if job.cancelled.is_set():
                 self.stats["cancelled"] += 1
-            text = stream.finish(new)
             finish = "length" if len(new) >= job.max_tokens and not stream.stopped else "stop"
             job.on_done(text, finish, len(new), None)
+
+
+def _tokens_of(tokenizer: Any, new: list[int], text: str) -> list[int]:
+    """The fewest leading tokens of `new` whose text covers `text` (all of them unless a stop string cut it):
+    the tokens a completion's logprobs report."""
+    if len(tokenizer.decode(new)) <= len(text):
+        return list(new)
+    for k in range(len(new) + 1):
+        if len(tokenizer.decode(new[:k])) >= len(text):
+            return list(new[:k])
+    return list(new)
 
 
 # --- request parsing -----------------------------------------------------------------------------------------
@@ -219,6 +254,8 @@ class Request:
     sampling: list[Any]  # one nanophi.generate.Sampling per choice
     stops: list[str]
     stream: bool
+    logprobs: int | None = None  # alternatives per position; None: no logprobs asked
+    echo: bool = False  # completions: the prompt's tokens come back first, scored
 
 
 def parse_request(body: Any, kind: str, engine: Any, model_name: str, limits: Limits = Limits()) -> Request:
@@ -243,6 +280,7 @@ def parse_request(body: Any, kind: str, engine: Any, model_name: str, limits: Li
             raise APIError(400, f"'{key}' is not supported by nanophi serve (use 0)", param=key,
                            code="unsupported_parameter")
     n = _int(body, "n", 1, 1, MAX_N)
+    logprobs, echo = _logprobs(body, kind)
     prompt_param = "messages" if kind == "chat" else "prompt"
     if kind == "chat":
         texts: list[str | list[int]] = [_render_chat(body.get("messages"), engine.tokenizer)]
@@ -253,7 +291,12 @@ def parse_request(body: Any, kind: str, engine: Any, model_name: str, limits: Li
                        f"allows {limits.max_completions} per request (--max-completions)", param="n",
                        code="too_many_completions")
     vocab = engine.model.config.vocab_size
-    limit = engine.block_size - 1
+    max_key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    # max_tokens 0 only scores the prompt (echo): no room is needed for a new token, and a prompt longer than the
+    # context is scored in windows
+    max_tokens = _int(body, max_key, min(DEFAULT_MAX_TOKENS, limits.max_tokens), 0 if echo else 1, limits.max_tokens)
+    limit = engine.block_size - 1 if max_tokens > 0 else limits.max_prompt_tokens
     prompts, total = [], 0
     for t in texts:
         try:
@@ -269,12 +312,9 @@ def parse_request(body: Any, kind: str, engine: Any, model_name: str, limits: Li
             raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
         if len(p) > limit:
             raise APIError(400, f"the prompt has {len(p)} tokens; this model's context holds {engine.block_size}, "
-                           f"so a prompt may have at most {limit}", param=prompt_param,
-                           code="context_length_exceeded")
+                           f"so a prompt may have at most {limit} (with echo and max_tokens 0 a longer prompt is "
+                           "scored in windows)", param=prompt_param, code="context_length_exceeded")
         prompts.append(p)
-    max_key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
-        else "max_tokens"
-    max_tokens = _int(body, max_key, min(DEFAULT_MAX_TOKENS, limits.max_tokens), 1, limits.max_tokens)
     temperature = _number(body, "temperature", 1.0, *TEMPERATURE_RANGE)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
@@ -295,11 +335,38 @@ def parse_request(body: Any, kind: str, engine: Any, model_name: str, limits: Li
         raise APIError(400, "'stream' must be true or false", param="stream")
     if stream and len(prompts) * n > 1:
         raise APIError(400, "streaming serves one prompt with n=1", param="stream")
+    if stream and (logprobs is not None or echo):
+        raise APIError(400, "logprobs and echo are answered without streaming; send \"stream\": false",
+                       param="stream")
     # choice i draws with seed + i: the n choices differ, and each is the same alone or batched with others
     sampling = [Sampling(temperature, top_k, top_p if top_p < 1 else None,
                          None if seed is None or temperature == 0 else seed + i, penalty)
                 for i in range(len(prompts) * n)]
-    return Request([p for p in prompts for _ in range(n)], max_tokens, sampling, stops, stream)
+    return Request([p for p in prompts for _ in range(n)], max_tokens, sampling, stops, stream, logprobs, echo)
+
+
+def _logprobs(body: dict, kind: str) -> tuple[int | None, bool]:
+    """(alternatives per position or None, echo) in OpenAI's two shapes: completions' integer `logprobs` and
+    boolean `echo`; chat's boolean `logprobs` with an integer `top_logprobs`."""
+    if kind == "chat":
+        if body.get("echo") not in (None, False):
+            raise APIError(400, "'echo' is a completions parameter; chat completions do not take it", param="echo",
+                           code="unsupported_parameter")
+        asked = body.get("logprobs")
+        if asked not in (None, True, False):
+            raise APIError(400, "'logprobs' must be true or false in chat completions (top_logprobs: how many)",
+                           param="logprobs")
+        top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+        if top is not None and not asked:
+            raise APIError(400, "'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
+        return (top or 0) if asked else None, False
+    if body.get("top_logprobs") is not None:
+        raise APIError(400, "'top_logprobs' is a chat parameter; completions take an integer 'logprobs'",
+                       param="top_logprobs", code="unsupported_parameter")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise APIError(400, "'echo' must be true or false", param="echo")
+    return _int(body, "logprobs", None, 0, MAX_LOGPROBS), echo
 
 
 def _prompts(prompt: Any, max_prompts: int) -> list[str | list[int]]:
@@ -358,6 +425,86 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
         raise APIError(400, f"'{key}' must be a number from {lo} to {hi}, got {value!r}", param=key)
     return float(value)
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+
+
+def tokenizer_card(tokenizer: Any, block_size: int) -> dict[str, Any]:
+    """What /tokenizer_info tells a client (vLLM's keys): the special tokens as text, each only when it encodes
+    back to its own id (lm-eval's remote tokenizer finds the EOS id by encoding this text), the chat template and
+    the context length."""
+    def special(key: str) -> str | None:
+        t = getattr(tokenizer, key, None)
+        if t is None:
+            return None
+        text = tokenizer.decode([t])
+        try:
+            return text if tokenizer.encode(text) == [t] else None
+        except UserError:
+            return None
+
+    eos = special("eos_id") or special("eot_id")
+    return {"eos_token": eos, "bos_token": special("bos_id"), "pad_token": None,
+            "chat_template": getattr(tokenizer, "chat_template", None), "model_max_length": block_size,
+            "tokenizer_class": type(tokenizer).__name__}
+
+
+# --- logprobs in OpenAI's shapes -----------------------------------------------------------------------------
+def completion_logprobs(tokenizer: Any, job: Job, k: int, echo: bool) -> dict[str, Any]:
+    """OpenAI's legacy completions logprobs: `tokens`, `token_logprobs` (the first prompt token `null`: nothing
+    predicts it), `top_logprobs` (the k most likely and the chosen token: up to k + 1 entries) and `text_offset`
+    (each token's first character in the choice's text), for the completion, preceded by the prompt with echo."""
+    piece = _pieces(tokenizer)
+    scores, n_prompt = job.scores, len(job.prompt_ids)
+    ids = job.prompt_ids + job.new_ids
+    start = 0 if echo else n_prompt  # scores[j] is about ids[j + 1]
+    tokens = [piece(t) for t in ids[start:]]
+    logprobs: list[float | None] = ([None] if echo else []) + scores.logprobs[max(start - 1, 0):]
+    top: list[dict[str, float] | None] = [None] if echo else []
+    for j in range(max(start - 1, 0), len(scores.logprobs)):
+        # lowest first, so that of two ids that print alike the likelier one's value stays
+        alternatives = [*scores.top[j][:k], (ids[j + 1], scores.logprobs[j])]
+        top.append({piece(t): lp for t, lp in sorted(alternatives, key=lambda a: a[1])})
+    offset = 0 if echo else len(tokenizer.decode(job.prompt_ids))
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Any, job: Job, k: int) -> dict[str, Any]:
+    """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}
+    for each token of the reply."""
+    piece = _pieces(tokenizer)
+    n_prompt, scores = len(job.prompt_ids), job.scores
+
+    def entry(t: int, lp: float) -> dict[str, Any]:
+        text = piece(t)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    content = []
+    for j, t in enumerate(job.new_ids, start=n_prompt - 1):
+        content.append(entry(t, scores.logprobs[j]) | {"top_logprobs": [entry(a, lp) for a, lp in scores.top[j][:k]]})
+    return {"content": content}
+
+
+def _pieces(tokenizer: Any) -> Callable[[int], str]:
+    """Token id -> its text, decoded alone (a byte-level piece of a character prints as U+FFFD), memoized for
+    one response."""
+    seen: dict[int, str] = {}
+
+    def piece(t: int) -> str:
+        if t not in seen:
+            seen[t] = tokenizer.decode([t])
+        return seen[t]
+
+    return piece
 
 
 # --- the app -------------------------------------------------------------------------------------------------
@@ -454,12 +601,56 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
             raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
         return model_card()
 
-    def parse(raw: bytes, kind: str) -> Request:
+    def check_model(body: Any) -> None:
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        if body.get("model") not in (None, model_name):
+            raise APIError(404, f"the model {body['model']!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def tokenize(raw: bytes) -> dict[str, Any]:
+        body = _json(raw)
+        check_model(body)
+        if "messages" in body:
+            text = _render_chat(body["messages"], engine.tokenizer)
+        elif isinstance(body.get("prompt"), str):
+            text = body["prompt"]
+        else:
+            raise APIError(400, "'prompt' must be a string (or send 'messages')", param="prompt")
+        if not isinstance(body.get("add_special_tokens", False), bool):
+            raise APIError(400, "'add_special_tokens' must be true or false", param="add_special_tokens")
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
-        return parse_request(body, kind, engine, model_name, limits)
+            # add_special_tokens adds nothing: nanophi's tokenizers (and their HF export, add_bos_token false)
+            # never prepend a start token, so these ids are the ones a completion request is scored on
+            ids = engine.tokenizer.encode(text)
+        except UserError as e:
+            raise APIError(400, f"cannot tokenize the prompt: {e}", param="prompt") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.block_size}
+
+    def detokenize(raw: bytes) -> dict[str, Any]:
+        body = _json(raw)
+        check_model(body)
+        ids = body.get("tokens")
+        vocab = engine.model.config.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                for t in ids):
+            raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(ids)}
+
+    @app.post("/tokenize")
+    async def tokenize_endpoint(request: HTTPRequest) -> Any:
+        return await asyncio.to_thread(tokenize, await read_body(request, limits.max_body_bytes))
+
+    @app.post("/detokenize")
+    async def detokenize_endpoint(request: HTTPRequest) -> Any:
+        return await asyncio.to_thread(detokenize, await read_body(request, limits.max_body_bytes))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return tokenizer_card(engine.tokenizer, engine.block_size)
+
+    def parse(raw: bytes, kind: str) -> Request:
+        return parse_request(_json(raw), kind, engine, model_name, limits)
 
     async def handle(request: HTTPRequest, kind: str) -> Any:
         try:
@@ -478,7 +669,8 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
 
         jobs = [Job(p, req.max_tokens, s, req.stops,
                     (lambda d, i=i: post(("delta", i, d))) if req.stream else None,
-                    lambda text, finish, n, err, i=i: post(("done", i, (text, finish, n, err))))
+                    lambda text, finish, n, err, i=i: post(("done", i, (text, finish, n, err))),
+                    logprobs=req.logprobs)
                 for i, (p, s) in enumerate(zip(req.prompts, req.sampling))]
         batcher.submit(jobs)
         usage_prompt = sum(len(p) for p in req.prompts)
@@ -517,10 +709,16 @@ def create_app(engine: Any, model_name: str, max_batch: int = 16, batch_window_m
                     raise errors[0]
                 raise APIError(500, f"generation failed: {errors[0]!r}", type="server_error")
             choices = []
-            for i in range(len(jobs)):
+            for i, job in enumerate(jobs):
                 text, finish, _, _ = results[i]
-                content = {"message": {"role": "assistant", "content": text}} if kind == "chat" else \
-                    {"text": text, "logprobs": None}
+                if kind == "chat":
+                    content: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
+                    if req.logprobs is not None:
+                        content["logprobs"] = chat_logprobs(engine.tokenizer, job, req.logprobs)
+                else:
+                    prompt_text = engine.tokenizer.decode(job.prompt_ids) if req.echo else ""
+                    content = {"text": prompt_text + text, "logprobs": None if req.logprobs is None else
+                               completion_logprobs(engine.tokenizer, job, req.logprobs, req.echo)}
                 choices.append({"index": i, **content, "finish_reason": finish})
             completion = sum(r[2] for r in results.values())
             return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices,
