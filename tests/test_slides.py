@@ -96,6 +96,10 @@ def test_slide_numbers_match_their_results_file(deck: Path, results_file: str) -
 
 def test_generated_text_on_the_slides_is_the_models_own() -> None:
     assert check_samples(DECKS[0]) > 0
+    files = {f for f, _, _ in samples_shown(DECKS[1])}
+    assert {"artifacts/teacher/samples.jsonl", "artifacts/case-study/samples.jsonl"} <= files, (
+        "part 2 shows a teacher before/after sample and a student's")
+    assert check_samples(DECKS[1]) >= 2
 
 
 @pytest.mark.parametrize("deck", DECKS, ids=lambda p: p.name)
