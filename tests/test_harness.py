@@ -68,7 +68,7 @@ def write_tasks(root: Path, text: str, n_docs: int = 20) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A llama-preset GPT with a byte-level BPE tokenizer, trained 60 steps; its HF export; the two tasks."""
+    """A llama-preset GPT with a byte-level BPE tokenizer, trained 40 steps; its HF export; the two tasks."""
     from conftest import CORPUS
 
     root = tmp_path_factory.mktemp("harness")
@@ -77,8 +77,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run, hf = root / "run", root / "hf"
     assert main(["train", "--data", str(corpus), "--out", str(run), "--tokenizer", "bpe", "--vocab-size", "320",
                  "--preset", "llama", "--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size",
-                 str(BLOCK), "--batch-size", "8", "--max-iters", "60", "--eval-interval", "60", "--log-interval",
-                 "60", "--warmup-iters", "5", "--lr", "3e-3", "--dashboard", "off"]) == 0
+                 str(BLOCK), "--batch-size", "8", "--max-iters", "40", "--eval-interval", "40", "--log-interval",
+                 "40", "--warmup-iters", "5", "--lr", "3e-3", "--dashboard", "off"]) == 0
     assert main(["export", str(run), "--format", "hf", "--out", str(hf)]) == 0
     return {"run": run, "hf": hf, "tasks": write_tasks(root, CORPUS), "root": root}
 
@@ -146,6 +146,7 @@ def assert_same_scores(got: dict[str, Any], hf: dict[str, Any], label: str) -> N
     assert generations(got) == generations(hf)
 
 
+@pytest.mark.slow  # lm-eval's hf model on the export: ~20 s on 2 loaded cores (transformers, HFLM)
 def test_local_completions_against_serve_matches_hf(world, server, hf_results) -> None:
     base, _ = server
     start = time.perf_counter()
@@ -156,6 +157,7 @@ def test_local_completions_against_serve_matches_hf(world, server, hf_results) -
     assert_same_scores(got, hf_results, "local-completions")
 
 
+@pytest.mark.slow  # lm-eval's hf model on the export: ~20 s on 2 loaded cores (transformers, HFLM)
 def test_nanophi_eval_tasks_matches_hf(world, hf_results, capsys) -> None:
     out = world["root"] / "results.json"
     start = time.perf_counter()
