@@ -131,25 +131,14 @@ def _commands(run: Path, data_dir: Path | None, results: dict[str, Any]) -> list
 
 
 def _machine() -> dict[str, Any]:
-    """This machine, in the keys artifacts/INDEX.md reads (scripts/artifacts.py writes the same for its folders)."""
-    import platform
-    import subprocess
+    """This machine, in the keys artifacts/INDEX.md reads: scripts/artifacts.py's own `machine()`, loaded by path
+    (scripts/ is not a package) so both folders describe the machine the same way."""
+    import importlib.util
 
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
-            "git_commit": commit or "unknown"}
+    spec = importlib.util.spec_from_file_location("nanophi_scripts_artifacts", Path(__file__).with_name("artifacts.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.machine()
 
 
 def _portable(path: Path) -> str:
