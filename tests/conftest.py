@@ -1,8 +1,16 @@
-"""Shared fixtures: a small corpus written per test, and a private cache so tests never share state."""
+"""Shared fixtures: a small corpus written per test, a private cache so tests never share state, and a loopback
+server for the HTTP tests."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,3 +34,60 @@ def corpus_file(tmp_path: Path) -> Path:
     p = tmp_path / "corpus.txt"
     p.write_text(CORPUS * 40, encoding="utf-8")
     return p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """Run an ASGI app under uvicorn on a free loopback port in a daemon thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert srv.started, "uvicorn did not start within 30 s"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def serve_gutenberg(tmp_path: Path, book: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A loopback HTTP server holding `book` as Gutenberg #1342 where gutenberg.org keeps it, with
+    $NANOPHI_GUTENBERG_URL pointing at it; yields the list of paths requested."""
+    root = tmp_path / "site"
+    (root / "cache/epub/1342").mkdir(parents=True)
+    (root / "cache/epub/1342/pg1342.txt").write_bytes(book.encode("utf-8"))
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("NANOPHI_GUTENBERG_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        yield requests
+    finally:
+        server.shutdown()
+        server.server_close()

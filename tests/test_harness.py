@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import serve_in_thread
 
 lm_eval = pytest.importorskip("lm_eval")
 httpx = pytest.importorskip("httpx")
@@ -29,12 +28,6 @@ from nanophi.cli import main  # noqa: E402
 BLOCK = 64
 TASKS = ("nanophi_mc", "nanophi_gen", "nanophi_ppl")
 TOL = 1e-4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_tasks(root: Path, text: str, n_docs: int = 20) -> Path:
@@ -165,17 +158,8 @@ def server(world: dict[str, Any]):
     model, tokenizer = load_model(world["run"])
     engine = Engine(model, tokenizer)
     app = create_app(engine, "tiny", max_batch=16, batch_window_ms=5)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(app) as base:
+        yield base, engine
 
 
 def summary(results: dict[str, Any]) -> tuple[float, float]:

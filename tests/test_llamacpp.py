@@ -81,6 +81,16 @@ def llama_ids(llm: Any, text: str) -> list[int]:
     return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
 
+def against_llama(path: Path, model: GPT, prompt: list[int]) -> tuple[float, int, np.ndarray]:
+    """llama.cpp on the GGUF at `path` vs `model`: max |Δlogit| over the prompt, how many of NEW greedy tokens agree,
+    and nanophi's logits."""
+    logits, greedy = llama_run(path, prompt, model.config.block_size)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]), all_logits=True)[0][0].numpy()
+    same = sum(a == b for a, b in zip(greedy, greedy_nanophi(model, prompt)))
+    return float(np.abs(logits - ours).max()), same, ours
+
+
 def greedy_nanophi(model: GPT, prompt: list[int], n: int = NEW) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():
@@ -156,11 +166,7 @@ def test_char_vocabulary_matches_llama_cpp(corpus: str, tmp_path: Path) -> None:
         llm.close()
     assert not bad, f"llama.cpp tokenizes {len(bad)} of {len(texts)} strings differently: {bad[:5]!r}"
     prompt = char.encode(PROMPT)
-    logits, greedy = llama_run(path, prompt, model.config.block_size)
-    with torch.no_grad():
-        ours = model(torch.tensor([prompt]), all_logits=True)[0][0].numpy()
-    diff = float(np.abs(logits - ours).max())
-    same = sum(a == b for a, b in zip(greedy, greedy_nanophi(model, prompt)))
+    diff, same, _ = against_llama(path, model, prompt)
     print(f"char: token ids {len(texts)}/{len(texts)}, greedy {same}/{NEW}, max|Δlogit| f32 {diff:.2e}")
     assert same == NEW and diff < TOL["llama", "f32"]
 
@@ -179,11 +185,7 @@ def test_greedy_and_logits_match_llama_cpp(preset: str, kw: dict, dtype: str, bp
     # the reference is nanophi running the weights as stored (f16 ones rounded), so only the arithmetic differs
     reference, _ = load_model(path)
     prompt = bpe.encode(PROMPT)
-    logits, greedy = llama_run(path, prompt, model.config.block_size)
-    with torch.no_grad():
-        ours = reference(torch.tensor([prompt]), all_logits=True)[0][0].numpy()
-    diff = float(np.abs(logits - ours).max())
-    same = sum(a == b for a, b in zip(greedy, greedy_nanophi(reference, prompt)))
+    diff, same, ours = against_llama(path, reference, prompt)
     print(f"{preset} {kw} {dtype}: greedy {same}/{NEW}, max|Δlogit| {diff:.2e} over {len(prompt)} positions "
           f"(logits span {float(ours.max() - ours.min()):.1f})")
     assert same == NEW and diff < TOL[preset, dtype]

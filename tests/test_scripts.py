@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import http.server
 import importlib.util
 import json
 import re
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import serve_gutenberg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,32 +106,11 @@ def fake_gutenberg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     stripping is exercised); yields the paths requested."""
     from conftest import CORPUS
 
-    book = tmp_path / "site" / "cache" / "epub" / "1342" / "pg1342.txt"
-    book.parent.mkdir(parents=True)
-    book.write_text("The Project Gutenberg eBook of a test\r\n\r\n*** START OF THE PROJECT GUTENBERG EBOOK TEST ***"
-                    "\r\n\r\n" + (CORPUS * 40).replace("\n", "\r\n")
-                    + "\r\n*** END OF THE PROJECT GUTENBERG EBOOK TEST ***\r\nSection 1. General Terms of Use\r\n",
-                    encoding="utf-8")
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().__init__(*args, directory=str(tmp_path / "site"), **kwargs)
-
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    monkeypatch.setenv("NANOPHI_GUTENBERG_URL", f"http://127.0.0.1:{server.server_address[1]}")
-    yield requests
-    server.shutdown()
-    server.server_close()
+    book = ("The Project Gutenberg eBook of a test\r\n\r\n*** START OF THE PROJECT GUTENBERG EBOOK TEST ***\r\n\r\n"
+            + (CORPUS * 40).replace("\n", "\r\n")
+            + "\r\n*** END OF THE PROJECT GUTENBERG EBOOK TEST ***\r\nSection 1. General Terms of Use\r\n")
+    with serve_gutenberg(tmp_path, book, monkeypatch) as requests:
+        yield requests
 
 
 @pytest.mark.slow

@@ -7,14 +7,13 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, serve_in_thread
 import torch
 
 from nanophi import checkpoint
@@ -30,12 +29,6 @@ uvicorn = pytest.importorskip("uvicorn")
 
 NAME = "tiny"
 CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +53,8 @@ def server(engine: Engine):
     from nanophi.serve import create_app
 
     app = create_app(engine, NAME, max_batch=8, batch_window_ms=300)  # a wide window: concurrent tests batch
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(app) as base:
+        yield base, app
 
 
 @pytest.fixture(scope="module")

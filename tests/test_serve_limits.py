@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, serve_in_thread
 import torch
 
 from nanophi import checkpoint
@@ -30,12 +31,6 @@ uvicorn = pytest.importorskip("uvicorn")
 KEY = "sk-test-nanophi"
 CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_model() -> GPT:
@@ -265,16 +260,8 @@ def small():
     limits = Limits(max_prompts=4, max_prompt_tokens=40, max_completions=6, max_tokens=500, max_body_bytes=4096,
                     max_queue=6)
     app = create_app(engine, "tiny", max_batch=1, batch_window_ms=0, limits=limits)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(app) as base:
+        yield base
 
 
 @pytest.mark.parametrize("body,status,param,code", [

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import serve_gutenberg
 
 from nanophi import sources
 from nanophi.errors import UserError
@@ -149,30 +148,9 @@ def test_strip_gutenberg_modern_and_old() -> None:
 @pytest.fixture
 def gutenberg_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """A loopback HTTP server holding book 1342 where gutenberg.org does; yields the list of paths requested."""
-    root = tmp_path / "site"
-    (root / "cache/epub/1342").mkdir(parents=True)
-    (root / "cache/epub/1342/pg1342.txt").write_bytes(GUTENBERG_FILE.encode())
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    monkeypatch.setenv("NANOPHI_GUTENBERG_URL", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setenv("NANOPHI_CACHE", str(tmp_path / "cache"))
-    yield requests
-    server.shutdown()
-    server.server_close()
+    with serve_gutenberg(tmp_path, GUTENBERG_FILE, monkeypatch) as requests:
+        yield requests
 
 
 def test_gutenberg_download_then_cache(gutenberg_server: list[str], tmp_path: Path) -> None:
