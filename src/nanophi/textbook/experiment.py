@@ -6,6 +6,9 @@ Arms, all with one shared BPE tokenizer trained on the union of their data, and 
 (optimizer steps x batch x block tokens, the smaller corpora repeated to fill it):
 
     A          the raw pool
+    A_small    a random sample of the raw pool with B's number of unique tokens: at the same budget it is
+               repeated as often as B, so B vs A_small is filtering at equal repetition and A vs A_small is
+               repetition at equal (unfiltered) quality
     B          the filtered pool
     B+C        filtered + synthetic textbooks
     (B+C)->D   B+C, then fine-tuned on verified exercises (problem tokens masked out of the loss)
@@ -14,8 +17,11 @@ Arms, all with one shared BPE tokenizer trained on the union of their data, and 
 
 The D arms add the same fine-tune budget (same steps, same batches for a given seed) to their base, so A, B and
 B+C compare at P tokens and A->D and (B+C)->D at P + F. Seeds vary the initialisation and batch order; the data
-split is fixed. Each trained model is measured by `experiment_eval.measure`, then Jina's experiment fine-tunes the
-teacher on the same training exercises. Results go to OUT/results.json, OUT/report.md and OUT/report.html.
+split is fixed. Every pretraining run is probed at `curve_points` evenly spaced steps (bits per byte on HumanEval's
+canonical solutions and on held-out raw code: the curves of results.json), then each trained model is measured by
+`experiment_eval.measure` (greedy pass@1, and pass@k from `samples` completions per problem), and Jina's experiment
+fine-tunes the teacher on the same training exercises. Results go to OUT/results.json, OUT/report.md and
+OUT/report.html.
 
 Without --data-dir the data is built into OUT/data by `nanophi textbook run` (the stdlib pool, the heuristic
 rubric and random-forest filter, then textbooks and exercises from the teacher, verified in the sandbox). The
@@ -38,15 +44,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanophi.callbacks import Callback
 from nanophi.errors import UserError
 from nanophi.textbook.experiment_data import DataSpec, ExperimentData, build_data_dir, load_data, textbook_mix, \
     write_corpus
 
 log = logging.getLogger(__name__)
 
-ARMS = ("A", "B", "B+C", "(B+C)->D", "A->D")
+ARMS = ("A", "A_small", "B", "B+C", "(B+C)->D", "A->D")
 BASE_OF = {"(B+C)->D": "B+C", "A->D": "A"}  # fine-tuned arm -> the pretrained arm it starts from
-ARM_DIRS = {"A": "A", "B": "B", "B+C": "BC", "(B+C)->D": "BC-D", "A->D": "A-D"}
+ARM_DIRS = {"A": "A", "A_small": "A-small", "B": "B", "B+C": "BC", "(B+C)->D": "BC-D", "A->D": "A-D"}
+ARM_SOURCES = {"A": "raw pool", "A_small": "random sample of the raw pool, B's unique tokens", "B": "filtered pool",
+               "B+C": "filtered pool + synthetic textbooks", "(B+C)->D": "B+C, then verified exercises",
+               "A->D": "A, then verified exercises"}
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 SPLIT_SEED = 0  # the data split is the same for every seed and every arm
 
@@ -86,6 +96,8 @@ class Preset:
     heldout_code_fraction: float = 0.05
     heldout_exercise_fraction: float = 0.25
     tau: float = 0.9
+    curve_points: int = 5  # evaluations during pretraining (the last at the end), for the loss-vs-tokens curves
+    samples: int = 20  # completions per problem at temperature 0.8 for pass@k (0: greedy pass@1 only)
     device: str = "cpu"
 
     def pretrain_tokens(self) -> int:
@@ -105,7 +117,7 @@ PRESETS: dict[str, Preset] = {
                    teacher_max_new_tokens=8, teacher_block=64,
                    data=DataSpec(pool_docs=60, labels=40, textbooks=2, exercises=6, textbook_tokens=32,
                                  exercise_tokens=64, teacher_batch=2), heldout_code_fraction=0.15,
-                   stdlib_exercises=False),
+                   stdlib_exercises=False, samples=10),
     # <= 30 min on 2 CPU cores for the experiment on a pipeline's tiny data (22 min measured on shared cores):
     # 0.53M-parameter students and a 1024-token BPE (vocabulary dominates CPU cost), full HumanEval with short
     # completions (64 tokens: most canonical bodies fit), the teacher measured on the first 20 problems with 96
@@ -114,14 +126,16 @@ PRESETS: dict[str, Preset] = {
                    pretrain_iters=400, lr=3e-3, warmup_iters=40, ft_iters=20, ft_batch=8, ft_lr=1e-3,
                    max_new_tokens=64, humaneval_limit=None, teacher_ft_steps=8, teacher_ft_batch=2,
                    teacher_ft_lr=1e-4, teacher_limit=20, teacher_max_new_tokens=96, teacher_block=256,
-                   data=DataSpec(pool_docs=3000, labels=600, textbooks=16, exercises=64)),
-    # About 1.5 hours on 2 CPU cores, the pipeline's generation included: 3 seeds of ~2.6M-parameter students on
-    # 4.9M tokens each (8x tiny's), the teacher measured on all 164 problems before and after 48 masked steps.
-    # SmolLM2 writes few exercises that pass their own tests, so the teacher writes 96 and the stdlib's doctest
-    # exercises carry arm D; textbooks are where the teacher's time goes.
-    "small": Preset(seeds=3, vocab_size=4096, n_layer=4, n_head=4, n_embd=192, block_size=256, batch_size=16,
-                    pretrain_iters=1200, lr=1.5e-3, warmup_iters=100, ft_iters=150, ft_batch=8, ft_lr=5e-4,
-                    max_new_tokens=128, humaneval_limit=None, teacher_ft_steps=48, teacher_ft_batch=4,
+                   data=DataSpec(pool_docs=3000, labels=600, textbooks=16, exercises=64), samples=10),
+    # About 1 hour on 2 CPU cores for the students (the pipeline's generation, ~17 min, and the teacher, ~10 min,
+    # come on top): 2 seeds of ~2.6M-parameter students on 2.0M tokens each (3.3x tiny's), six arms, 20 samples
+    # per problem for pass@10 (sampling all 164 problems costs about what pretraining does, so completions are 64
+    # tokens, as in tiny), the teacher measured on all 164 problems before and after 48 masked steps. SmolLM2
+    # writes few exercises that pass their own tests, so the teacher writes 96 and the stdlib's doctest exercises
+    # carry arm D; textbooks are where the teacher's time goes.
+    "small": Preset(seeds=2, vocab_size=4096, n_layer=4, n_head=4, n_embd=192, block_size=256, batch_size=16,
+                    pretrain_iters=500, lr=1.5e-3, warmup_iters=50, ft_iters=150, ft_batch=8, ft_lr=5e-4,
+                    max_new_tokens=64, humaneval_limit=None, teacher_ft_steps=48, teacher_ft_batch=4,
                     teacher_ft_lr=5e-5, teacher_limit=None, teacher_max_new_tokens=160, teacher_block=384,
                     data=DataSpec(pool_docs=6000, labels=1000, textbooks=120, exercises=96,
                                   textbook_tokens=448, exercise_tokens=256)),
@@ -137,7 +151,33 @@ PRESETS: dict[str, Preset] = {
 
 # ---------------------------------------------------------------------------------------------- students
 
-def _train_student(preset: Preset, prepared: Any, run_dir: Path, seed: int) -> tuple[Any, dict[str, Any]]:
+class CurveProbe(Callback):
+    """A trainer callback: at `points` evenly spaced steps (the last one at the end) it measures bits per byte
+    on HumanEval's canonical solutions and on held-out raw code, without touching training (no checkpoint, no
+    optimizer state; the model is put back in train mode)."""
+
+    def __init__(self, tokenizer: Any, humaneval: list[dict[str, str]], heldout_code: list[str], max_iters: int,
+                 points: int) -> None:
+        self.tokenizer, self.humaneval, self.heldout_code = tokenizer, humaneval, heldout_code
+        n = max(1, min(points, max_iters))
+        self.steps = {round(max_iters * (i + 1) / n) for i in range(n)}
+        self.curve: list[dict[str, Any]] = []
+
+    def on_step_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        from nanophi.humaneval import canonical_bpb
+        from nanophi.textbook.experiment_eval import code_bpb
+
+        if trainer.step not in self.steps:
+            return
+        model = trainer.raw_model
+        self.curve.append({"step": trainer.step, "tokens_seen": trainer.tokens_seen,
+                           "humaneval_bpb": canonical_bpb(model, self.tokenizer, self.humaneval),
+                           "heldout_bpb": code_bpb(model, self.tokenizer, self.heldout_code)})
+        model.train()
+
+
+def _train_student(preset: Preset, prepared: Any, run_dir: Path, seed: int,
+                   probe: CurveProbe | None = None) -> tuple[Any, dict[str, Any]]:
     """Pretrain one student from scratch on a prepared arm corpus; returns (model, trainer summary)."""
     from nanophi.callbacks import MetricsFile
     from nanophi.config import resolve
@@ -152,7 +192,7 @@ def _train_student(preset: Preset, prepared: Any, run_dir: Path, seed: int) -> t
              "out": str(run_dir), "dashboard": "off", "device": preset.device, "tokenizer": "bpe",
              "vocab_size": preset.vocab_size, "dropout": 0.0}
     cfg = resolve(flags)
-    trainer = Trainer(cfg, prepared, callbacks=[MetricsFile(run_dir / "metrics.jsonl")])
+    trainer = Trainer(cfg, prepared, callbacks=[MetricsFile(run_dir / "metrics.jsonl"), *([probe] if probe else [])])
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     summary = trainer.fit()
     summary["params"] = trainer.raw_model.num_params()
@@ -225,6 +265,7 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
 
     t0 = time.perf_counter()
     per_arm: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+    resumed = 0  # models measured by an earlier invocation: their time is not in this one's timings
     for k in range(preset.seeds):
         seed = 1000 + k
         for arm in ARMS:
@@ -232,6 +273,7 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
             done = run_dir / "eval.json"
             if done.is_file():
                 per_arm[arm].append(json.loads(done.read_text()))
+                resumed += 1
                 continue
             t_arm = time.perf_counter()
             if arm in BASE_OF:
@@ -243,11 +285,17 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
                 train = {"pretrain_tokens": base["pretrain_tokens"], "finetune_tokens": ft["tokens"],
                          "finetune": ft, "params": base["params"]}
             else:
-                model, summary = _train_student(preset, prepared[arm], run_dir, seed)
+                probe = CurveProbe(tokenizer, humaneval, data.heldout_code, preset.pretrain_iters, preset.curve_points)
+                model, summary = _train_student(preset, prepared[arm], run_dir, seed, probe)
                 train = {"pretrain_tokens": summary["tokens_seen"], "finetune_tokens": 0, "params": summary["params"],
-                         "final_train_val_loss": summary["best_val_loss"]}
+                         "final_train_val_loss": summary["best_val_loss"], "curve": probe.curve}
             metrics = measure(model, tokenizer, humaneval=humaneval, heldout=heldout, heldout_code=data.heldout_code,
-                              max_new_tokens=preset.max_new_tokens, out_dir=run_dir)
+                              max_new_tokens=preset.max_new_tokens, out_dir=run_dir, samples=preset.samples, seed=seed)
+            if arm in BASE_OF and base.get("curve"):  # the base's pretraining curve, then the fine-tune's end
+                train["curve"] = base["curve"] + [{
+                    "step": base["curve"][-1]["step"] + ft_steps, "tokens_seen": train["pretrain_tokens"]
+                    + train["finetune_tokens"], "humaneval_bpb": metrics["humaneval_bpb"],
+                    "heldout_bpb": metrics["code_bpb"], "finetune": True}]
             record = {"seed": seed, **metrics, **train, "seconds": round(time.perf_counter() - t_arm, 1)}
             run_dir.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps(record, indent=2) + "\n")
@@ -270,14 +318,15 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
 
     results = {
         "preset": name, "config": dataclasses.asdict(preset), "teacher": teacher,
-        "arms": {arm: aggregate(rows) for arm, rows in per_arm.items()},
+        "arms": {arm: {**aggregate(rows), "data": _arm_data(arm, prepared, rows, ft_examples)}
+                 for arm, rows in per_arm.items()},
         "teacher_finetune": teacher_result,
         "data": {**data.stats, "textbook_repeats": mix["repeats"], "arm_chars": mix["chars"],
                  "tokenizer_vocab": tokenizer.vocab_size,
                  "arm_tokens": {arm: int(p.meta["train_tokens"]) for arm, p in prepared.items()}},
         "budget": {"pretrain_tokens": preset.pretrain_tokens(), "finetune_steps": ft_steps,
                    "finetune_tokens": per_arm["A->D"][0]["finetune_tokens"] if per_arm["A->D"] else 0},
-        "humaneval_problems": len(humaneval), "timings": timings, "machine": machine,
+        "humaneval_problems": len(humaneval), "timings": timings, "machine": machine, "resumed_models": resumed,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, out)
@@ -322,7 +371,8 @@ def _prepare_arms(data: ExperimentData, preset: Preset, tokenizer: Any, root: Pa
 
     mixed, repeats = textbook_mix(data.filtered, data.textbooks, preset.textbook_share, preset.max_textbook_repeats,
                                   SPLIT_SEED)
-    corpora = {"A": data.pool, "B": data.filtered, "B+C": mixed}
+    corpora = {"A": data.pool, "A_small": _sample_like(data.pool, data.filtered, tokenizer, SPLIT_SEED),
+               "B": data.filtered, "B+C": mixed}
     prepared, chars = {}, {}
     for arm, recs in corpora.items():
         if not recs:
@@ -334,6 +384,40 @@ def _prepare_arms(data: ExperimentData, preset: Preset, tokenizer: Any, root: Pa
                                 tokenizer_obj=tokenizer)
         chars[arm] = sum(len(r["text"]) for r in recs)
     return prepared, {"repeats": repeats, "chars": chars}
+
+
+def _sample_like(pool: list[dict[str, Any]], like: list[dict[str, Any]], tokenizer: Any,
+                 seed: int) -> list[dict[str, Any]]:
+    """A seeded random sample of `pool` documents with (just over) as many tokens as `like` has: arm A_small."""
+    import random
+
+    want = sum(map(len, tokenizer.encode_batch([r["text"] for r in like])))
+    order = list(pool)
+    random.Random(seed).shuffle(order)
+    lengths = tokenizer.encode_batch([r["text"] for r in order])
+    picked, total = [], 0
+    for rec, ids in zip(order, lengths):
+        if total >= want:
+            break
+        picked.append(rec)
+        total += len(ids)
+    return picked
+
+
+def _arm_data(arm: str, prepared: dict[str, Any], rows: list[dict[str, Any]],
+              ft_examples: list[tuple[list[int], int]]) -> dict[str, Any]:
+    """What an arm trained on: source, unique tokens, tokens seen, and passes over its pretraining corpus."""
+    base = BASE_OF.get(arm, arm)
+    unique = int(prepared[base].meta["train_tokens"])
+    pretrain = rows[0]["pretrain_tokens"] if rows else 0
+    out = {"source": ARM_SOURCES[arm], "unique_tokens": unique, "tokens_seen": pretrain, "passes": pretrain / unique}
+    if arm in BASE_OF and rows:
+        exercise_tokens = sum(len(ids) for ids, _ in ft_examples)
+        out |= {"unique_tokens": unique + exercise_tokens, "exercise_tokens": exercise_tokens,
+                "tokens_seen": pretrain + rows[0]["finetune_tokens"],
+                "finetune_passes": rows[0]["finetune"]["steps"] * rows[0]["finetune"]["batch_size"]
+                / max(1, len(ft_examples))}
+    return out
 
 
 def teacher_experiment(ref: str, data: ExperimentData, preset: Preset, out_dir: Path) -> dict[str, Any]:

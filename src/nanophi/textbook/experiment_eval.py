@@ -1,8 +1,10 @@
-"""The case study's measurements of one model: pass@1, whether completions parse and run, bits per byte.
+"""The case study's measurements of one model: pass@1 and pass@k, whether completions parse and run, bits per byte.
 
-Every completion is greedy (temperature 0, so pass@1 is one sample per problem, as Codex and jina-ai/textbook
-report it), cut at HumanEval's stop sequences, and checked by `nanophi.humaneval.check_completion`: one sandboxed
-process per program. A completion whose program does not even compile cannot pass, and is marked failed without
+Greedy completions (temperature 0: pass@1 from one sample per problem, as Codex and jina-ai/textbook report it)
+and, beside them, n sampled completions per problem at temperature 0.8 scored with the unbiased pass@k estimator
+(Chen et al. 2021, `nanophi.humaneval.pass_at_k`): at 0/164 greedy, pass@10 still sees a model that solves a
+problem one time in twenty. Completions are cut at HumanEval's stop sequences and checked by
+`nanophi.humaneval.check_completion`: one sandboxed process per program. A completion whose program does not even compile cannot pass, and is marked failed without
 spending a sandbox on it (tiny models write many of those).
 
     parses   the completion is not empty and prompt + completion is valid Python (a prompt that ends in a
@@ -24,13 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanophi.humaneval import STOP_SEQUENCES, canonical_bpb, check_completion, truncate_completion
+from nanophi.humaneval import STOP_SEQUENCES, canonical_bpb, check_completion, pass_at_k, truncate_completion
 
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 3.0  # openai/human-eval's per-program limit
 CHECK_WORKERS = 2
 GEN_BATCH = 16
+SAMPLE_TEMPERATURE = 0.8  # Codex's temperature for pass@10 and pass@100
+PASS_KS = (1, 10)
 
 
 def complete(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
@@ -110,14 +114,67 @@ def code_bpb(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int =
     return float(metrics["val_bpb"])
 
 
+def sampled_pass_at_k(model: Any, tokenizer: Any, problems: Sequence[dict[str, str]], max_new_tokens: int, *,
+                      n: int, seed: int, temperature: float = SAMPLE_TEMPERATURE, ks: Sequence[int] = PASS_KS,
+                      samples_path: Path | None = None) -> dict[str, Any]:
+    """n completions per problem at `temperature`, generated as one batch per problem (the n rows share the
+    prompt, so one prefill-sized batch costs about what one greedy completion of a batch does), checked in the
+    sandbox, scored with the unbiased estimator. Returns pass@k for each k <= n, and `solved`: how many of the
+    n samples passed, per problem in order (what the per-problem paired tests compare)."""
+    from nanophi.generate import Engine
+
+    engine = Engine(model, tokenizer)
+    completions: list[str] = []
+    for i, p in enumerate(problems):
+        # Problem i's seed is fixed by (seed, i): every arm draws its samples for a problem from the same stream.
+        texts = engine.generate([p["prompt"]] * n, max_new_tokens, temperature=temperature, stop=STOP_SEQUENCES,
+                                seed=seed + i * n)
+        completions.extend(truncate_completion(t) for t in texts)
+    rows = check_all([p for p in problems for _ in range(n)], completions)
+    solved = [sum(r["passed"] for r in rows[i * n:(i + 1) * n]) for i in range(len(problems))]
+    if samples_path is not None:
+        samples_path.parent.mkdir(parents=True, exist_ok=True)
+        with samples_path.open("w", encoding="utf-8") as f:
+            for j, r in enumerate(rows):
+                f.write(json.dumps({**r, "sample_idx": j % n}) + "\n")
+    out: dict[str, Any] = {"n": n, "temperature": temperature, "solved": solved,
+                           "parse_rate": sum(r["parses"] for r in rows) / len(rows) if rows else float("nan")}
+    for k in ks:
+        if k <= n:
+            out[f"pass@{k}"] = (sum(pass_at_k(n, c, k) for c in solved) / len(solved)) if solved else float("nan")
+    return out
+
+
 def measure(model: Any, tokenizer: Any, *, humaneval: Sequence[dict[str, str]], heldout: Sequence[dict[str, str]],
-            heldout_code: Sequence[str], max_new_tokens: int, out_dir: Path) -> dict[str, Any]:
-    """All metrics of one trained model, named as results.json names them."""
-    he = pass_at_1(model, tokenizer, humaneval, max_new_tokens, out_dir / "humaneval_samples.jsonl")
-    ho = pass_at_1(model, tokenizer, heldout, max_new_tokens, out_dir / "heldout_samples.jsonl")
-    return {"humaneval_pass@1": he["pass@1"], "humaneval_passed": he["passed"], "humaneval_n": he["n"],
-            "heldout_pass@1": ho["pass@1"], "heldout_passed": ho["passed"], "heldout_n": ho["n"],
-            "parse_rate": he["parse_rate"], "run_rate": he["run_rate"],
-            "heldout_parse_rate": ho["parse_rate"], "heldout_run_rate": ho["run_rate"],
-            "code_bpb": code_bpb(model, tokenizer, heldout_code),
-            "humaneval_bpb": canonical_bpb(model, tokenizer, humaneval)}
+            heldout_code: Sequence[str], max_new_tokens: int, out_dir: Path, samples: int = 0,
+            seed: int = 0) -> dict[str, Any]:
+    """All metrics of one trained model, named as results.json names them. `samples` > 0 adds pass@k from that
+    many samples per problem; `*_greedy_solved` (0/1 per problem) feed the paired tests either way."""
+    he_rows = check_all(humaneval, complete(model, tokenizer, [p["prompt"] for p in humaneval], max_new_tokens))
+    ho_rows = check_all(heldout, complete(model, tokenizer, [p["prompt"] for p in heldout], max_new_tokens))
+    for name, rows in (("humaneval", he_rows), ("heldout", ho_rows)):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with (out_dir / f"{name}_samples.jsonl").open("w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    he, ho = summarise_checks(he_rows), summarise_checks(ho_rows)
+    out = {"humaneval_pass@1": he["pass@1"], "humaneval_passed": he["passed"], "humaneval_n": he["n"],
+           "heldout_pass@1": ho["pass@1"], "heldout_passed": ho["passed"], "heldout_n": ho["n"],
+           "parse_rate": he["parse_rate"], "run_rate": he["run_rate"],
+           "heldout_parse_rate": ho["parse_rate"], "heldout_run_rate": ho["run_rate"],
+           "humaneval_greedy_solved": [int(r["passed"]) for r in he_rows],
+           "heldout_greedy_solved": [int(r["passed"]) for r in ho_rows],
+           "code_bpb": code_bpb(model, tokenizer, heldout_code),
+           "humaneval_bpb": canonical_bpb(model, tokenizer, humaneval)}
+    if samples > 0:
+        out["samples_per_problem"] = samples
+        out["sample_temperature"] = SAMPLE_TEMPERATURE
+        for name, probs in (("humaneval", humaneval), ("heldout", heldout)):
+            res = sampled_pass_at_k(model, tokenizer, probs, max_new_tokens, n=samples, seed=seed,
+                                    samples_path=out_dir / f"{name}_sampled.jsonl")
+            for k in PASS_KS:
+                if f"pass@{k}" in res:
+                    out[f"{name}_sampled_pass@{k}" if k == 1 else f"{name}_pass@{k}"] = res[f"pass@{k}"]
+            out[f"{name}_sampled_solved"] = res["solved"]
+            out[f"{name}_sampled_parse_rate"] = res["parse_rate"]
+    return out
