@@ -267,3 +267,25 @@ def test_nonsense_sampling_flags_are_one_line_exit_2(command: str, flag: str, va
     assert len(err.splitlines()) == 1 and flag in err, err
     with pytest.raises(UserError, match="temperature"):
         Engine(tiny(8), CharTokenizer(list("abcdefgh"))).generate_ids([[1]], 2, temperature=float("nan"))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("arch", [dict(preset="llama", n_kv_head=2), dict(preset="gpt2"),
+                                  dict(preset="llama", qk_norm=True, mlp="relu2", logit_softcap=15.0, bias=True)])
+def test_lean_decode_step_computes_the_models_forward(char: CharTokenizer, arch: dict, quantize: str | None) -> None:
+    """engine_static.DecodeStep against GPT.forward with a KV cache on the same decode copy: a left-padded batch
+    (per-row positions, a pad mask), several steps, every architecture switch the step reads."""
+    model = tiny(char.vocab_size, n_embd=64, **arch)
+    engine = Engine(model, char, quantize=quantize)
+    assert engine.step is not None
+    rows = [char.encode("It was the best"), char.encode("The")]
+    (c1, logits), (c2, _) = engine._prefill(rows, 24), engine._prefill(rows, 24)
+    ids = logits.argmax(-1)
+    with torch.inference_mode():
+        for _ in range(4):
+            ref = engine.model(ids[:, None], cache=c1)[0][:, -1]
+            got = engine.decode_step(ids, c2)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            ids = ref.argmax(-1)
+    torch.testing.assert_close(c2.k, c1.k, rtol=1e-4, atol=1e-4)
+    assert c1.pos == c2.pos

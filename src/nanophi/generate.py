@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nanophi.device import autocast
+from nanophi.engine_static import DecodeStep
 from nanophi.errors import UserError
 from nanophi.kv_cache import KVCache
 from nanophi.model import GPT
@@ -246,6 +247,16 @@ class Engine:
         # features crush everything else (SmolLM2's loss on 512-token chunks: 2.16 fp32, 3.39 int8). Prompts are
         # compute-bound anyway, so with int8 the model itself reads them in fp32 and int8 only decodes.
         self.prefill_model = model if quantize == "int8" else self.model
+        # on a CPU in fp32 activations, decoding runs a leaner step than the model's forward (engine_static.py)
+        self.step = DecodeStep(self.model) if self.device.type == "cpu" and dtype == torch.float32 else None
+
+    def decode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """ids (B,) -> (B, V) logits of the next token, through the cache."""
+        if self.step is not None:
+            return self.step(ids, cache)
+        with autocast(self.device, self.dtype):
+            out, _ = self.model(ids[:, None], cache=cache)
+        return out[:, -1]
 
     # --- token level ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -346,9 +357,7 @@ class Engine:
             if cache.free == 0:  # a row reached the context: restart from the last half-context
                 cache, logits = self._prefill([context(i, self.block_size // 2) for i in live], self.block_size)
                 continue
-            with autocast(self.device, self.dtype):  # finished rows not yet dropped decode on; nobody reads them
-                out, _ = self.model(next_ids[:, None], cache=cache)
-            logits = out[:, -1]
+            logits = self.decode_step(next_ids, cache)  # finished rows not yet dropped decode on; nobody reads them
 
     def _prefill(self, rows: list[list[int]], cache_len: int) -> tuple[KVCache, torch.Tensor]:
         """Left-pad the rows, run them through the model once; the cache and the last position's logits."""
@@ -700,9 +709,7 @@ def decode_loss(engine: Engine, tokenizer: Any, batch_size: int, prompt_tokens: 
         total += torch.nn.functional.cross_entropy(logits.float(), targets[:, t - 1].to(logits.device),
                                                    reduction="sum").item()
         if t + 1 < prompt_tokens + new_tokens:
-            with autocast(engine.device, engine.dtype):
-                out, _ = engine.model(rows[:, t : t + 1].to(engine.device), cache=cache)
-            logits = out[:, -1]
+            logits = engine.decode_step(rows[:, t].to(engine.device), cache)
     return round(total / (batch_size * new_tokens), 4)
 
 
