@@ -49,6 +49,8 @@ def test_new_bpe_splits_like_gpt2_and_exports_as_gpt_2(tmp_path: Path) -> None:
     write_gguf(tiny(bpe.vocab_size), bpe, tmp_path / "m.gguf")
     meta = read_gguf(tmp_path / "m.gguf").metadata
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    # nanophi never prepends a BOS: llama.cpp's tools must not either
+    assert meta["tokenizer.ggml.add_bos_token"] is False and meta["tokenizer.ggml.add_eos_token"] is False
     # the vocabulary rebuilt from llama.cpp's keys alone tokenizes as the original
     rebuilt = tokenizer_from_metadata(llama_cpp_only(meta))
     assert rebuilt.encode(TEXT) == bpe.encode(TEXT)

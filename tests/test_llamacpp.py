@@ -77,8 +77,9 @@ def llama(path: Path, **kw: Any) -> Any:
 
 
 def llama_ids(llm: Any, text: str) -> list[int]:
-    # special=True: <|endoftext|> in text is the special token, as nanophi's BPE encodes it
-    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    # special=True: <|endoftext|> in text is the special token, as nanophi's BPE encodes it. add_bos=True is what
+    # llama.cpp's tools do; the GGUF's add_bos_token=false must keep it from prepending one
+    return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
 
 
 def against_llama(path: Path, model: GPT, prompt: list[int]) -> tuple[float, int, np.ndarray]:

@@ -592,5 +592,9 @@ def _add_tokenizer(w: Any, tokenizer: Any, vocab: LlamaVocab) -> None:
     for key, tid in (("bos", getattr(tokenizer, "bos_id", None)), ("eos", getattr(tokenizer, "eos_id", None))):
         if tid is not None:
             getattr(w, f"add_{key}_token_id")(tid)
+    # nanophi's encode never adds special tokens and its models were trained that way: say so, or llama.cpp's
+    # tools (llama-cli, Ollama) fall back to their vocabulary type's default and may prepend a BOS
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
     if getattr(tokenizer, "chat_template", None):
         w.add_chat_template(tokenizer.chat_template)
