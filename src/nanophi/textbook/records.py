@@ -79,6 +79,27 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 yield rec
 
 
+SHARD_GLOB = "[0-9][0-9][0-9][0-9][0-9].jsonl"  # OUT/00000.jsonl ...: the shards a `--tasks N` stage writes
+
+
+def shard_files(path: str | os.PathLike) -> list[Path]:
+    """The JSONL files a path stands for: itself, or a folder's shards in order (see `nanophi.textbook.scale`)."""
+    path = Path(path)
+    if path.is_dir():
+        shards = sorted(path.glob(SHARD_GLOB))
+        if not shards:
+            raise UserError(f"{path}: a folder without shards (00000.jsonl, ...); run the stage that writes it first")
+        return shards
+    _require_file(path)
+    return [path]
+
+
+def read_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The records of one JSONL file or, in order, of every shard in a folder written with `--tasks N`."""
+    for shard in shard_files(path):
+        yield from read_jsonl(shard)
+
+
 def _parse_line(raw: bytes, path: Path, lineno: int, *, last: bool) -> Any:
     try:
         rec = json.loads(raw)
