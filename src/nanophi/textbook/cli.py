@@ -63,7 +63,7 @@ FLOAT_RANGES: dict[tuple[str, str], tuple[float, float, bool, bool]] = {
 }
 # flag dest -> the least value that means anything (the same dest means the same thing in every stage).
 INT_MINIMA: dict[str, int] = {
-    "n": 0, "max_tokens": 1, "batch": 1, "workers": 1, "memory_mb": 1, "num_perm": 1, "ngram": 1,
+    "n": 0, "max_tokens": 1, "batch": 1, "workers": 1, "tasks": 1, "memory_mb": 1, "num_perm": 1, "ngram": 1,
     "min_ast_tokens": 0, "max_docs": 1, "min_chars": 0, "max_chars": 1, "vocab_size": 1, "seeds": 1,
     "textbooks": 0, "exercises": 0, "teacher_batch": 1, "teacher_concurrency": 1, "teacher_retries": 0,
 }
@@ -107,7 +107,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--sweep values must be in (0, 1], got {args.sweep!r}")
     out = getattr(args, "out", None)
     if out is not None:
-        check_out(Path(out), is_dir=stage in OUT_IS_DIR,
+        check_out(Path(out), is_dir=stage in OUT_IS_DIR or getattr(args, "tasks", 1) > 1,  # --tasks N: shards
                   inputs=[Path(getattr(args, a)) for a in INPUTS.get(stage, ()) if getattr(args, a, None)])
 
 

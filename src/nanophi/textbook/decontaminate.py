@@ -370,6 +370,10 @@ def add_decontaminate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shorter functions are left to the n-gram detector")
     parser.add_argument("--sweep", default="",
                         help="comma-separated τ values to count removals at too, e.g. 0.95,0.9,0.85,0.8")
+    parser.add_argument("--tasks", type=int, default=1,
+                        help="> 1: run as datatrove tasks into a folder of shards --out/00000.jsonl... (needs "
+                             "nanophi[data])")
+    parser.add_argument("--workers", type=int, default=1, help="with --tasks: tasks run at once (processes)")
 
 
 def run_decontaminate(args: argparse.Namespace) -> int:
@@ -377,6 +381,13 @@ def run_decontaminate(args: argparse.Namespace) -> int:
         sweep = [float(t) for t in args.sweep.split(",") if t.strip()]
     except ValueError:
         raise UserError(f"--sweep takes comma-separated numbers, got {args.sweep!r}") from None
+    if args.tasks > 1:
+        if sweep:
+            raise UserError("--sweep counts over one pass; run it with --tasks 1")
+        stats = decontaminate_sharded(args.input, args.out, tasks=args.tasks, workers=args.workers, tau=args.tau,
+                                      ngram=args.ngram, min_ast_tokens=args.min_ast_tokens)
+        print(f"decontaminate: kept {stats['n_out']}/{stats['n_in']} -> {args.out}/ ({args.tasks} shards)")
+        return 0
     stats = decontaminate(args.input, args.out, tau=args.tau, ngram=args.ngram,
                           min_ast_tokens=args.min_ast_tokens, sweep=sweep)
     print(f"decontaminate: kept {stats['n_out']}/{stats['n_in']} -> {args.out} ({stats['removed_ngram']} by "
@@ -384,3 +395,35 @@ def run_decontaminate(args: argparse.Namespace) -> int:
     if sweep:
         print("tau sweep (removed): " + ", ".join(f"{t}: {n}" for t, n in stats["tau_sweep"].items()))
     return 0
+
+
+class DecontaminateMapper:
+    """Per-record decontamination for `nanophi.textbook.scale` (--tasks > 1); the detector is built per task."""
+
+    def __init__(self, tau: float = TAU, ngram: int = NGRAM, min_ast_tokens: int = MIN_AST_TOKENS) -> None:
+        self.tau, self.ngram, self.min_ast_tokens = tau, ngram, min_ast_tokens
+
+    def __call__(self) -> Any:
+        det = Detector(self.ngram, self.min_ast_tokens)
+
+        def check(rec: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            hit = det.check(rec, self.tau)
+            if hit is not None and hit.score >= self.tau:
+                return None, {"id": rec["id"], "task_id": hit.task_id, "detector": hit.detector,
+                              "score": hit.score, "detail": hit.detail}
+            return rec, None
+
+        return check
+
+
+def decontaminate_sharded(in_path: str | os.PathLike, out: str | os.PathLike, *, tasks: int, workers: int,
+                          tau: float = TAU, ngram: int = NGRAM, min_ast_tokens: int = MIN_AST_TOKENS
+                          ) -> dict[str, Any]:
+    """`decontaminate` over datatrove tasks: shards OUT/00000.jsonl..., removals in OUT/removed/."""
+    from nanophi.textbook.scale import run_map_stage
+
+    if not 0.0 < tau <= 1.0:
+        raise UserError(f"tau must be in (0, 1], got {tau}")
+    return run_map_stage("decontaminate", in_path, out, DecontaminateMapper(tau, ngram, min_ast_tokens),
+                         tasks=tasks, workers=workers,
+                         params={"tau": tau, "ngram": ngram, "min_ast_tokens": min_ast_tokens})
