@@ -2,7 +2,8 @@
 
 Each command lives in the module that implements it and exposes two functions:
 `add_arguments(parser)` (declares its flags, one help line each) and `run(args) -> int` (does the work).
-Command modules import their heavy dependencies inside `run`, so `nanophi --help` stays fast.
+Only the chosen command's module is imported (`nanophi --help` imports none, so no torch), and command modules
+import their heavy dependencies inside `run`.
 
 Errors a user can cause are raised as `UserError` and printed here as one line with exit code 2.
 """
@@ -48,26 +49,31 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The command named on the command line: the first word that is not a flag (the top level has no flag that
+    takes a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser for `argv`: every command is listed, but only the one `argv` names gets its module imported and
+    its flags declared (importing all fifteen would load torch, transformers and more just to print help)."""
     parser = OneLineParser(prog="nanophi", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = _chosen(argv)
     for name, (module_name, help_line) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            # A command whose module is not written yet is left out; any other import failure is a bug.
-            if e.name is not None and module_name.startswith(e.name):
-                continue
-            raise
         p = sub.add_parser(name, help=help_line, description=help_line)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
