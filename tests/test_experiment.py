@@ -3,6 +3,7 @@ constructed records (the `test` preset: micro students, a few HumanEval problems
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -14,7 +15,7 @@ import torch
 from nanophi.textbook.experiment import ARMS, PRESETS, run_experiment, teacher_experiment
 from nanophi.textbook.experiment_data import (Exercise, load_data, parse_exercise, textbook_mix, verify_exercises)
 from nanophi.textbook.experiment_finetune import IGNORE, encode_examples, finetune_masked, make_batch
-from nanophi.textbook.experiment_report import aggregate, direction, mean_ci, wilson
+from nanophi.textbook.experiment_report import aggregate, direction, mean_ci, sign_test, wilson
 from nanophi.textbook.records import make_record, write_jsonl_atomic
 
 EXERCISE = '''Here is the exercise.
@@ -196,6 +197,50 @@ def test_statistics() -> None:
     assert direction({"arms": rows}, "worse", "better", "humaneval_bpb")["verdict"] == "reversed"
 
 
+def test_sign_test_and_per_problem_directions() -> None:
+    # 5 problems only the better arm solves, none the other way: p = 2 / 2**5
+    t = sign_test([1, 1, 1, 1, 1, 0, 2], [0, 0, 0, 0, 0, 0, 2])
+    assert (t["better"], t["worse"], t["ties"]) == (5, 0, 2) and t["p"] == pytest.approx(0.0625)
+    assert sign_test([3, 0], [0, 3])["p"] == 1.0 and sign_test([0], [0])["p"] == 1.0
+    assert sign_test([1] * 6, [0] * 6)["p"] == pytest.approx(2 / 64)
+    seeds = lambda solved: [{"humaneval_pass@1": sum(s) / len(s), "humaneval_greedy_solved": s} for s in solved]  # noqa: E731
+    results = {"arms": {"x": {"seeds": seeds([[1, 1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 1, 1, 1]])},
+                        "y": {"seeds": seeds([[0] * 7, [0] * 7])}}}
+    d = direction(results, "x", "y", "humaneval_pass@1")
+    assert d["per_problem"]["better"] == 7 and d["per_problem_verdict"] == "held"
+    assert direction(results, "y", "x", "humaneval_pass@1")["per_problem_verdict"] == "reversed"
+
+
+def test_curves_aggregate_with_seed_bands() -> None:
+    rows = [{"humaneval_bpb": 2.0, "curve": [{"tokens_seen": 10, "humaneval_bpb": 3.0, "heldout_bpb": 2.0},
+                                             {"tokens_seen": 20, "humaneval_bpb": 2.0, "heldout_bpb": 1.5}]},
+            {"humaneval_bpb": 2.2, "curve": [{"tokens_seen": 10, "humaneval_bpb": 3.4, "heldout_bpb": 2.2},
+                                             {"tokens_seen": 20, "humaneval_bpb": 2.2, "heldout_bpb": 1.7}]}]
+    curve = aggregate(rows)["curve"]
+    assert [p["tokens_seen"] for p in curve] == [10, 20]
+    assert curve[0]["humaneval_bpb"] == pytest.approx(3.2) and curve[0]["humaneval_bpb_range"] == [3.0, 3.4]
+    assert curve[1]["heldout_bpb_range"] == [1.5, 1.7]
+
+
+def test_full_preset_is_a_real_gpu_run() -> None:
+    """The full preset is not run in CI; its students must still build, and its sizes match their derivation."""
+    from nanophi.config import resolve
+    from nanophi.model import GPT
+    from nanophi.textbook.experiment import FULL_PRESET_SIZING
+
+    full = PRESETS["full"]
+    assert full.device == "auto" and full.samples >= 20 and full.seeds >= 2 and full.curve_points >= 5
+    assert full.pretrain_tokens() == FULL_PRESET_SIZING["pretrain_tokens_per_run"]
+    cfg = resolve({"preset": "gpt2", "n_layer": full.n_layer, "n_head": full.n_head, "n_embd": full.n_embd,
+                   "block_size": full.block_size, "vocab_size": full.vocab_size, "dropout": 0.0,
+                   "batch_size": full.batch_size, "max_iters": full.pretrain_iters, "tokenizer": "bpe"})
+    with torch.device("meta"):  # the shapes, without allocating 14M parameters
+        model = GPT(dataclasses.replace(cfg.model, vocab_size=full.vocab_size))
+    n = sum(p.numel() for p in model.parameters())
+    flops = 6 * n + 12 * full.n_layer * full.n_embd * full.block_size
+    assert flops / 1e6 == pytest.approx(FULL_PRESET_SIZING["student_mflop_per_token"], rel=0.1)
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 @pytest.fixture(scope="module")
@@ -229,6 +274,30 @@ def test_experiment_end_to_end(experiment: tuple[Path, Path, dict]) -> None:
         samples = (out / "runs").rglob("humaneval_samples.jsonl")
         assert sum(1 for _ in samples) == preset.seeds * len(ARMS)
     assert on_disk["budget"]["finetune_tokens"] > 0
+    # A_small: a raw-pool sample as large as B, so the same budget makes about as many passes over it as over B
+    data_a, data_b, data_s = (on_disk["arms"][a]["data"] for a in ("A", "B", "A_small"))
+    assert data_s["unique_tokens"] == pytest.approx(data_b["unique_tokens"], rel=0.2)
+    assert data_s["unique_tokens"] < data_a["unique_tokens"]
+    assert data_s["passes"] == pytest.approx(data_b["passes"], rel=0.2) and data_s["tokens_seen"] == data_b["tokens_seen"]
+    for name, arm in on_disk["arms"].items():
+        assert arm["data"]["passes"] == pytest.approx(preset.pretrain_tokens() / (
+            arm["data"]["unique_tokens"] - arm["data"].get("exercise_tokens", 0)))
+        assert arm["samples_per_problem"] == preset.samples and "humaneval_pass@10" in arm["mean"]
+        # curves: curve_points probes during pretraining (the D arms add the fine-tune's end), tokens increasing
+        assert len(arm["curve"]) == preset.curve_points + ("->" in name)
+        assert [p["tokens_seen"] for p in arm["curve"]] == sorted({p["tokens_seen"] for p in arm["curve"]})
+        for row in arm["seeds"]:
+            assert len(row["humaneval_sampled_solved"]) == preset.humaneval_limit
+            assert all(0 <= c <= preset.samples for c in row["humaneval_sampled_solved"])
+            assert row["humaneval_sampled_pass@1"] <= row["humaneval_pass@10"] <= 1.0
+            # the last probe is the trained model itself: the same bits per byte `measure` reports
+            assert row["curve"][-1]["humaneval_bpb"] == pytest.approx(row["humaneval_bpb"], rel=1e-5)
+            assert row["curve"][-1]["heldout_bpb"] == pytest.approx(row["code_bpb"], rel=1e-5)
+        sampled = (out / "runs").rglob("humaneval_sampled.jsonl")
+        assert sum(1 for _ in sampled) == preset.seeds * len(ARMS)
+    from nanophi.textbook.experiment_report import directions
+    names = {(d["better"], d["worse"]) for d in directions(on_disk)}
+    assert {("B", "A_small"), ("A", "A_small"), ("B", "A")} <= names
     assert on_disk["data"]["filter_keep"] == preset.filter_keep and on_disk["data"]["n_filtered"] < on_disk["data"]["n_pool"]
     assert on_disk["teacher_finetune"] == {"skipped": "no teacher given"}
     # the data were split before training: held-out code and exercises never reach an arm's corpus
@@ -239,10 +308,13 @@ def test_experiment_end_to_end(experiment: tuple[Path, Path, dict]) -> None:
     assert not set(data.heldout_code) & set(corpus_a)
     assert not {e.id for e in data.heldout_exercises} & {e.id for e in data.train_exercises}
     report = (out / "report.md").read_text()
-    for heading in ("## Results by arm", "## Beside the paper", "## Which of the paper's directions held here",
+    for heading in ("## What each arm trained on", "## Results by arm", "## Curves", "## Beside the paper",
+                    "## Which of the paper's directions held here",
                     "## Decontamination: our τ sweep", "## Limitations"):
         assert heading in report
-    assert "50.6" in report and "12.19" in report and "20.12" in report
+    assert "50.6" in report and "12.19" in report and "20.12" in report and "96K steps" in report
+    assert "~50B" in report and "A_small" in report and "pass@10" in report
+    assert {p.name for p in (out / "figures").glob("*.png")} >= {"curves.png", "scale.png"}
     html = (out / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html
     # a rerun finds every model measured and only rebuilds the summary
@@ -312,3 +384,21 @@ def test_published_results_match_the_committed_reports(name: str, docs: str) -> 
     shipped = root / "src" / "nanophi" / "textbook" / "results" / f"{name}.json"
     assert shipped.read_bytes() == (root / docs).read_bytes(), f"copy {docs} to {shipped} after a new run"
     assert experiment_report.published_results(name) == json.loads((root / docs).read_text())
+
+
+def test_committed_report_and_doc_are_generated_from_results() -> None:
+    """report.md and docs/case_study.md's results section are what experiment_report writes from results.json:
+    no number typed by hand (rewrite both with `python -m nanophi.textbook.experiment_report
+    docs/case_study/results.json --doc docs/case_study.md`)."""
+    from nanophi.textbook.experiment_report import DOC_BEGIN, DOC_END, case_study_section, report_markdown
+
+    root = Path(__file__).resolve().parents[1]
+    run = root / "docs" / "case_study"
+    results = json.loads((run / "results.json").read_text())
+    figs = {p.stem: p for p in (run / "figures").glob("*.png")}
+    names = {"pass_at_1": "pass", "bits_per_byte": "bpb", "tau_sweep": "tau", "curves": "curves", "scale": "scale"}
+    figs = {names[k]: p for k, p in figs.items() if k in names}
+    assert (run / "report.md").read_text(encoding="utf-8") == report_markdown(results, figs, run)
+    doc = (root / "docs" / "case_study.md").read_text(encoding="utf-8")
+    section = doc[doc.index(DOC_BEGIN):doc.index(DOC_END) + len(DOC_END)]
+    assert section == case_study_section(results)

@@ -98,6 +98,7 @@ class Preset:
     tau: float = 0.9
     curve_points: int = 5  # evaluations during pretraining (the last at the end), for the loss-vs-tokens curves
     samples: int = 20  # completions per problem at temperature 0.8 for pass@k (0: greedy pass@1 only)
+    sample_problems_per_batch: int = 1  # problems per sampling batch (n rows each): more on a GPU
     device: str = "cpu"
 
     def pretrain_tokens(self) -> int:
@@ -127,26 +128,45 @@ PRESETS: dict[str, Preset] = {
                    max_new_tokens=64, humaneval_limit=None, teacher_ft_steps=8, teacher_ft_batch=2,
                    teacher_ft_lr=1e-4, teacher_limit=20, teacher_max_new_tokens=96, teacher_block=256,
                    data=DataSpec(pool_docs=3000, labels=600, textbooks=16, exercises=64), samples=10),
-    # About 1 hour on 2 CPU cores for the students (the pipeline's generation, ~17 min, and the teacher, ~10 min,
-    # come on top): 2 seeds of ~2.6M-parameter students on 2.0M tokens each (3.3x tiny's), six arms, 20 samples
-    # per problem for pass@10 (sampling all 164 problems costs about what pretraining does, so completions are 64
-    # tokens, as in tiny), the teacher measured on all 164 problems before and after 48 masked steps. SmolLM2
-    # writes few exercises that pass their own tests, so the teacher writes 96 and the stdlib's doctest exercises
-    # carry arm D; textbooks are where the teacher's time goes.
+    # About 1.5 hours on 2 CPU cores for the students, 45 minutes with --seeds 1 (the pipeline's generation,
+    # ~17 min, and the teacher, ~10 min, come on top): 2 seeds of ~2.6M-parameter students on 1.2M tokens each (2x
+    # tiny's), six arms, 20 samples per problem for pass@10 (sampling all 164 problems costs about what
+    # pretraining does, so completions are 64 tokens, as in tiny), the teacher measured on all 164 problems before
+    # and after 48 masked steps. SmolLM2 writes few exercises that pass their own tests, so the teacher writes 96
+    # and the stdlib's doctest exercises carry arm D; textbooks are where the teacher's time goes.
     "small": Preset(seeds=2, vocab_size=4096, n_layer=4, n_head=4, n_embd=192, block_size=256, batch_size=16,
-                    pretrain_iters=500, lr=1.5e-3, warmup_iters=50, ft_iters=150, ft_batch=8, ft_lr=5e-4,
+                    pretrain_iters=300, lr=1.5e-3, warmup_iters=30, ft_iters=150, ft_batch=8, ft_lr=5e-4,
                     max_new_tokens=64, humaneval_limit=None, teacher_ft_steps=48, teacher_ft_batch=4,
                     teacher_ft_lr=5e-5, teacher_limit=None, teacher_max_new_tokens=160, teacher_block=384,
                     data=DataSpec(pool_docs=6000, labels=1000, textbooks=120, exercises=96,
                                   textbook_tokens=448, exercise_tokens=256)),
-    # Sized for one A100/H100 in a few hours: ~14M-parameter students.
-    "full": Preset(seeds=3, vocab_size=8192, n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=32,
-                   pretrain_iters=5000, lr=1e-3, warmup_iters=300, ft_iters=1000, ft_batch=32, ft_lr=3e-4,
-                   max_new_tokens=384, humaneval_limit=None, teacher_ft_steps=1000, teacher_ft_batch=16,
-                   teacher_ft_lr=5e-5, teacher_limit=None, teacher_max_new_tokens=512, teacher_block=1024,
-                   data=DataSpec(pool_docs=20000, labels=5000, textbooks=2000, exercises=8000,
-                                 textbook_tokens=512, exercise_tokens=320), device="auto"),
+    # Sized for <= 10 minutes on one H100-class GPU, pipeline and teacher included; not run here (no GPU was lent).
+    # What it trains: 2 seeds x 4 pretrained arms of ~14M-parameter students (6 layers x 384, an 8192-token BPE,
+    # context 512) on 16.4M tokens each (1000 steps x 32 x 512), two fine-tuned arms, 20 samples per problem on
+    # all 164 HumanEval problems, the teacher around 200 masked steps. The sizes follow from measured CPU
+    # throughput (see FULL_PRESET_SIZING below and docs/case_study.md).
+    "full": Preset(seeds=2, vocab_size=8192, n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=32,
+                   pretrain_iters=1000, lr=1e-3, warmup_iters=100, ft_iters=300, ft_batch=32, ft_lr=3e-4,
+                   max_new_tokens=256, humaneval_limit=None, teacher_ft_steps=200, teacher_ft_batch=16,
+                   teacher_ft_lr=5e-5, teacher_limit=None, teacher_max_new_tokens=384, teacher_block=1024,
+                   data=DataSpec(pool_docs=20000, labels=3000, textbooks=400, exercises=800,
+                                 textbook_tokens=512, exercise_tokens=320, teacher_batch=64),
+                   samples=20, sample_problems_per_batch=16, device="auto"),
 }
+
+
+# How the full preset was sized (measured here, 2026-12-02, on 2 CPU cores: the small students, 2.57M parameters,
+# 4 layers x 192, context 256, ran at 5,180 tokens/s, ~18 MFLOP per token (6N + 12 L d T), ~92 GFLOP/s; a 1024^2
+# fp32 matmul probe gave 159 GFLOP/s). An H100's dense bf16 peak is ~989 TFLOP/s; students this small reach
+# perhaps 10-25 % of it, ~100-250 TFLOP/s, so ~1,000-2,700x the CPU. The full students take ~98 MFLOP per token
+# (N ~ 14M with the 8192 x 384 embedding, context 512): 16.4M tokens are 1.6 PFLOP, 7-16 s per run at that rate,
+# about 2-3 min for 8 runs with evaluation probes. Sampling 164 x 20 completions of 256 tokens in batches of 16
+# problems (320 rows) is ~11 batches x 256 decode steps per model, ~30 s at ~10 ms a step; the sandbox checks
+# run on every core. The pipeline's 400 textbook sections and 800 exercises at batch 64 and the teacher's
+# before/after (2 x 164 problems, 384 tokens) with 200 fine-tune steps take the rest of the 10 minutes.
+FULL_PRESET_SIZING = {"cpu_tokens_per_s": 5180, "cpu_gflops_achieved": 92, "cpu_matmul_probe_gflops": 159,
+                      "h100_bf16_peak_tflops": 989, "assumed_mfu": (0.10, 0.25), "student_mflop_per_token": 98,
+                      "pretrain_tokens_per_run": 1000 * 32 * 512, "pretrain_runs": 8}
 
 
 # ---------------------------------------------------------------------------------------------- students
@@ -290,7 +310,8 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
                 train = {"pretrain_tokens": summary["tokens_seen"], "finetune_tokens": 0, "params": summary["params"],
                          "final_train_val_loss": summary["best_val_loss"], "curve": probe.curve}
             metrics = measure(model, tokenizer, humaneval=humaneval, heldout=heldout, heldout_code=data.heldout_code,
-                              max_new_tokens=preset.max_new_tokens, out_dir=run_dir, samples=preset.samples, seed=seed)
+                              max_new_tokens=preset.max_new_tokens, out_dir=run_dir, samples=preset.samples, seed=seed,
+                              problems_per_batch=preset.sample_problems_per_batch)
             if arm in BASE_OF and base.get("curve"):  # the base's pretraining curve, then the fine-tune's end
                 train["curve"] = base["curve"] + [{
                     "step": base["curve"][-1]["step"] + ft_steps, "tokens_seen": train["pretrain_tokens"]
@@ -458,8 +479,8 @@ def teacher_experiment(ref: str, data: ExperimentData, preset: Preset, out_dir: 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=[p for p in PRESETS if p != "test"], default="tiny",
-                        help="size of the experiment: tiny (<= 30 min on 2 CPU cores), small (hours on a CPU), "
-                             "full (a GPU for a few hours)")
+                        help="size of the experiment: tiny (<= 30 min on 2 CPU cores), small (~1 h of students on 2 "
+                             "CPU cores), full (sized for <= 10 min on one H100-class GPU)")
     parser.add_argument("--out", required=True, help="output folder: results.json, report.md/html, runs, data")
     parser.add_argument("--data-dir", default=None,
                         help="a pipeline output folder (pool/filtered/textbooks/exercises[/verified].jsonl); "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from nanophi.humaneval import STOP_SEQUENCES, canonical_bpb, check_completion, p
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 3.0  # openai/human-eval's per-program limit
-CHECK_WORKERS = 2
+CHECK_WORKERS = max(2, os.cpu_count() or 1)  # one sandboxed process per program: as many as there are cores
 GEN_BATCH = 16
 SAMPLE_TEMPERATURE = 0.8  # Codex's temperature for pass@10 and pass@100
 PASS_KS = (1, 10)
@@ -116,19 +117,24 @@ def code_bpb(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int =
 
 def sampled_pass_at_k(model: Any, tokenizer: Any, problems: Sequence[dict[str, str]], max_new_tokens: int, *,
                       n: int, seed: int, temperature: float = SAMPLE_TEMPERATURE, ks: Sequence[int] = PASS_KS,
-                      samples_path: Path | None = None) -> dict[str, Any]:
+                      samples_path: Path | None = None, problems_per_batch: int = 1) -> dict[str, Any]:
     """n completions per problem at `temperature`, generated as one batch per problem (the n rows share the
-    prompt, so one prefill-sized batch costs about what one greedy completion of a batch does), checked in the
-    sandbox, scored with the unbiased estimator. Returns pass@k for each k <= n, and `solved`: how many of the
-    n samples passed, per problem in order (what the per-problem paired tests compare)."""
-    from nanophi.generate import Engine
+    prompt; `problems_per_batch` > 1 packs several problems into one batch, which a GPU runs in about the time of
+    one, a CPU barely faster), checked in the sandbox, scored with the unbiased estimator. Returns pass@k for each
+    k <= n, and `solved`: how many of the n samples passed, per problem in order (what the per-problem paired
+    tests compare)."""
+    from nanophi.generate import Engine, Sampling
 
     engine = Engine(model, tokenizer)
     completions: list[str] = []
-    for i, p in enumerate(problems):
-        # Problem i's seed is fixed by (seed, i): every arm draws its samples for a problem from the same stream.
-        texts = engine.generate([p["prompt"]] * n, max_new_tokens, temperature=temperature, stop=STOP_SEQUENCES,
-                                seed=seed + i * n)
+    for start in range(0, len(problems), problems_per_batch):
+        group = problems[start:start + problems_per_batch]
+        # Sample j of problem i is seeded by (seed, i, j) alone: every arm draws a problem's samples from the same
+        # streams, whatever the batching.
+        rows = [Sampling(temperature, None, None, seed + (start + g) * n + j, 1.0)
+                for g in range(len(group)) for j in range(n)]
+        texts = engine.generate([p["prompt"] for p in group for _ in range(n)], max_new_tokens, stop=STOP_SEQUENCES,
+                                sampling=rows)
         completions.extend(truncate_completion(t) for t in texts)
     rows = check_all([p for p in problems for _ in range(n)], completions)
     solved = [sum(r["passed"] for r in rows[i * n:(i + 1) * n]) for i in range(len(problems))]
@@ -147,7 +153,7 @@ def sampled_pass_at_k(model: Any, tokenizer: Any, problems: Sequence[dict[str, s
 
 def measure(model: Any, tokenizer: Any, *, humaneval: Sequence[dict[str, str]], heldout: Sequence[dict[str, str]],
             heldout_code: Sequence[str], max_new_tokens: int, out_dir: Path, samples: int = 0,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, problems_per_batch: int = 1) -> dict[str, Any]:
     """All metrics of one trained model, named as results.json names them. `samples` > 0 adds pass@k from that
     many samples per problem; `*_greedy_solved` (0/1 per problem) feed the paired tests either way."""
     he_rows = check_all(humaneval, complete(model, tokenizer, [p["prompt"] for p in humaneval], max_new_tokens))
@@ -171,7 +177,8 @@ def measure(model: Any, tokenizer: Any, *, humaneval: Sequence[dict[str, str]], 
         out["sample_temperature"] = SAMPLE_TEMPERATURE
         for name, probs in (("humaneval", humaneval), ("heldout", heldout)):
             res = sampled_pass_at_k(model, tokenizer, probs, max_new_tokens, n=samples, seed=seed,
-                                    samples_path=out_dir / f"{name}_sampled.jsonl")
+                                    samples_path=out_dir / f"{name}_sampled.jsonl",
+                                    problems_per_batch=problems_per_batch)
             for k in PASS_KS:
                 if f"pass@{k}" in res:
                     out[f"{name}_sampled_pass@{k}" if k == 1 else f"{name}_pass@{k}"] = res[f"pass@{k}"]

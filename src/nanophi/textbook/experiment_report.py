@@ -243,6 +243,9 @@ def arm_data_table(results: dict[str, Any]) -> str:
         if d is None:
             continue
         lines.append(f"| {name} | {d['source']} | {d['unique_tokens']:,} | {d['tokens_seen']:,} | {d['passes']:.2f} |")
+    if len(lines) == 2:  # a run from before the arms reported their data
+        tokens = results["data"].get("arm_tokens", {})
+        return "Arm corpora (tokens): " + ", ".join(f"{a} {n:,}" for a, n in tokens.items()) + "."
     return "\n".join(lines)
 
 
@@ -467,7 +470,8 @@ def _setup(results: dict[str, Any]) -> list[str]:
         + (f", and {samples} samples per problem at temperature 0.8 for pass@1 and pass@10 (the unbiased estimator "
            "of Chen et al. 2021)" if samples else "")
         + "; each program runs in nanophi's sandbox. Bits per byte on held-out raw code and on HumanEval's canonical "
-        f"solutions given their prompts, also at {cfg.get('curve_points', 0)} points during pretraining (the curves).",
+        "solutions given their prompts" + (f", also at {cfg['curve_points']} points during pretraining (the curves)."
+                                           if cfg.get("curve_points") else "."),
         f"- Wall time: {wall_time(results)}",
     ]
 
