@@ -158,6 +158,92 @@ def test_pool_of_the_stdlib_is_licensed_psf(tmp_path):
     assert rec["provenance"]["licence"] == "PSF-2.0" and stats["source"].startswith("stdlib:")
 
 
+def _stack_rows() -> list[dict]:
+    """Rows in The Stack's (v1) schema, one of them not Python 3 and one without a licence."""
+    return [
+        {"content": CLEAN, "max_stars_repo_path": "src/bisect_tools.py", "max_stars_repo_name": "ada/tools",
+         "max_stars_repo_licenses": ["MIT", "Apache-2.0"], "max_stars_count": 12, "ext": "py"},
+        {"content": "def f(:\n    return 1\n" * 10, "max_stars_repo_path": "broken.py", "max_stars_repo_name": "b/c",
+         "max_stars_repo_licenses": ["MIT"], "max_stars_count": None, "ext": "py"},
+        {"content": MESSY, "max_stars_repo_path": "pkg/messy.py", "max_stars_repo_name": "d/e",
+         "max_stars_repo_licenses": [], "max_stars_count": 3, "ext": "py"},
+    ]
+
+
+def test_pool_reads_parquet_in_the_stacks_schemas(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "the-stack" / "data" / "python"
+    folder.mkdir(parents=True)
+    rows = _stack_rows()
+    pq.write_table(pa.Table.from_pylist(rows[:2]), folder / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[2:]), folder / "train-00001-of-00002.parquet", row_group_size=1)
+    out = tmp_path / "pool.jsonl"
+    stats = build_pool(str(tmp_path / "the-stack"), out, licence="unknown")
+    recs = list(read_jsonl(out))
+    assert [r["provenance"]["path"] for r in recs] == ["src/bisect_tools.py", "pkg/messy.py"]  # file order kept
+    assert [r["provenance"]["licence"] for r in recs] == ["MIT", "unknown"]
+    assert recs[0]["provenance"]["repo"] == "ada/tools" and recs[0]["text"] == CLEAN
+    assert (stats["n_files"], stats["skipped_unparsable"], stats["n_out"]) == (3, 1, 2)
+
+    v2 = tmp_path / "python-edu.parquet"  # Stack v2 / python-edu: text + blob_id, detected_licenses
+    pq.write_table(pa.Table.from_pylist([
+        {"blob_id": "0f3a", "repo_name": "f/g", "path": "a.py", "detected_licenses": ["BSD-3-Clause"], "text": CLEAN},
+        {"blob_id": "77aa", "repo_name": "f/g", "path": "b.py", "detected_licenses": [], "text": None}]), v2)
+    stats = build_pool(str(v2), out, licence="unknown")
+    [rec] = list(read_jsonl(out))
+    assert {k: rec["provenance"][k] for k in ("blob_id", "licence", "path", "repo")} == {
+        "blob_id": "0f3a", "licence": "BSD-3-Clause", "path": "a.py", "repo": "f/g"}
+    assert stats["skipped_no_text"] == 1
+
+
+def test_pool_reads_compressed_jsonl_and_a_saved_dataset(tmp_path):
+    import gzip
+    import importlib.util
+
+    rows = _stack_rows()
+    gz = tmp_path / "stack.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    out = tmp_path / "pool.jsonl"
+    assert build_pool(str(gz), out)["n_out"] == 2
+    want = [r["id"] for r in read_jsonl(out)]
+
+    zst = tmp_path / "stack.jsonl.zst"
+    if importlib.util.find_spec("zstandard") is None:
+        zst.write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(UserError, match="pip install zstandard"):
+            build_pool(str(zst), out)
+    else:
+        import zstandard
+
+        zst.write_bytes(zstandard.ZstdCompressor().compress(gzip.decompress(gz.read_bytes())))
+        build_pool(str(zst), out)
+        assert [r["id"] for r in read_jsonl(out)] == want
+
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    build_pool(str(saved), out)
+    recs = list(read_jsonl(out))
+    assert [r["id"] for r in recs] == want and recs[0]["provenance"]["licence"] == "MIT"
+
+
+def test_pool_from_the_hub_offline_is_one_clear_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("datasets")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "nanophi", "textbook", "pool", "--source", "hf:bigcode/the-stack-smol",
+                        "--out", str(tmp_path / "p.jsonl")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert "hf:bigcode/the-stack-smol: cannot stream it from the Hugging Face hub" in line and "network" in line
+
+
 # ---------------------------------------------------------------------------------------------------- annotate
 
 def test_rubric_ranks_clean_documented_code_above_messy_code():

@@ -2,8 +2,16 @@
 
 phi-1 filtered The Stack and StackOverflow. Offline, the stand-in is the running interpreter's standard library
 with its tests (`sysconfig.get_paths()["stdlib"]`, ~31 MB of .py for CPython 3.11): real, varied, licensed
-(PSF-2.0) Python of every quality, from tutorial-clean modules to regression tests. A folder of .py files or a
-JSONL with `text` (or `content`) fields works the same way.
+(PSF-2.0) Python of every quality, from tutorial-clean modules to regression tests. Real corpora work the same way:
+
+    folder of .py files          walked in sorted path order
+    JSONL, .jsonl.gz, .jsonl.zst records with `text` or `content` (.zst needs `pip install zstandard`)
+    .parquet file or folder      The Stack's columns (content, max_stars_repo_path, max_stars_repo_licenses, ...)
+                                 or Stack v2 / python-edu style (text, blob_id, repo_name, path, detected_licenses)
+    folder from save_to_disk     a Hugging Face dataset (`datasets.load_from_disk`)
+    hf:ORG/NAME[:SPLIT]          streamed from the Hugging Face hub (online only; default split train)
+
+Each record's licence and path (whichever of the known column names it has) go into the pool record's provenance.
 
 A document is a whole file (`split="file"`) or one top-level function or class (`split="function"`, cut with
 `ast` line spans, decorators included). Files that are not UTF-8 or do not parse are skipped and counted: both
@@ -33,8 +41,13 @@ MIN_CHARS = 64  # shorter than a two-line function: nothing to learn from
 MAX_CHARS = 100_000  # generated tables and giant test files; also keeps one document well inside a context
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})  # installed packages are not the stdlib
 STDLIB_LICENCE = "PSF-2.0"
-LICENCE_KEYS = ("licence", "license", "licenses", "max_stars_repo_licenses")  # The Stack names it the last way
+# The Stack (v1) names them max_stars_repo_*; Stack v2 / python-edu: path, repo_name, detected_licenses, blob_id
+LICENCE_KEYS = ("licence", "license", "licenses", "max_stars_repo_licenses", "detected_licenses", "license_type")
 PATH_KEYS = ("path", "max_stars_repo_path", "source")
+REPO_KEYS = ("repo_name", "max_stars_repo_name", "repo")
+TEXT_KEYS = ("text", "content")
+HF_PREFIX = "hf:"
+PARQUET_BATCH = 1024  # rows per pyarrow batch: a shard of The Stack is ~1 GB, never read whole
 
 
 def stdlib_dir() -> Path:
@@ -80,9 +93,119 @@ def _first(rec: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return None
 
 
+def _missing(package: str, what: str) -> UserError:
+    return UserError(f"{what} needs the '{package}' package, which is not installed: pip install {package}")
+
+
+def _iter_parquet(files: list[Path]) -> Iterator[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise _missing("pyarrow", "a parquet source") from None
+    for path in files:
+        pf = pq.ParquetFile(path)
+        # read only the columns we use: The Stack carries dozens (star counts, dates, ...) per row
+        wanted = set(TEXT_KEYS + LICENCE_KEYS + PATH_KEYS + REPO_KEYS + ("blob_id",))
+        columns = [c for c in pf.schema_arrow.names if c in wanted]
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+            yield from batch.to_pylist()
+
+
+def _iter_compressed_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    import gzip
+    import io
+    import json
+
+    if path.suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise _missing("zstandard", f"{path} (a .zst file)") from None
+        raw: Any = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    else:
+        raw = gzip.open(path, "rb")
+    with io.TextIOWrapper(raw, encoding="utf-8") as f:  # closing it closes the decompressor and the file
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    raise UserError(f"{path}:{lineno}: not valid JSON; the file is corrupt") from None
+                yield rec
+
+
+def _import_datasets(what: str) -> Any:
+    # datasets logs at INFO, on import, which of TensorFlow/JAX it found: noise between our lines
+    logging.getLogger("datasets").setLevel(max(logging.WARNING, logging.getLogger("datasets").level))
+    try:
+        import datasets
+    except ImportError:
+        raise _missing("datasets", what) from None
+    return datasets
+
+
+def _iter_hf(source: str) -> Iterator[dict[str, Any]]:
+    datasets = _import_datasets(source)
+    name, _, split = source[len(HF_PREFIX):].partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train", streaming=True)
+        it = iter(ds)
+        first = next(it, None)
+    except Exception as e:  # offline, unknown name, gated: the hub says why in many ways; one line for the user
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{source}: cannot stream it from the Hugging Face hub ({why}); check the name and the "
+                        "network, or pass a local copy (parquet files or a save_to_disk folder)") from None
+    if first is not None:
+        yield first
+        yield from it
+
+
+def _is_saved_dataset(root: Path) -> bool:
+    return (root / "dataset_info.json").is_file() or (root / "dataset_dict.json").is_file()
+
+
+def _iter_saved_dataset(root: Path) -> Iterator[dict[str, Any]]:
+    datasets = _import_datasets(f"{root} (a dataset saved with save_to_disk)")
+    ds = datasets.load_from_disk(str(root))
+    if isinstance(ds, datasets.DatasetDict):  # saved with every split: the pool is the training split
+        if "train" not in ds:
+            raise UserError(f"{root}: a DatasetDict without a 'train' split (has {sorted(ds)}); save one split")
+        ds = ds["train"]
+    yield from ds
+
+
+def _iter_records(source: str) -> Iterator[dict[str, Any]] | None:
+    """The rows of a tabular source (JSONL, parquet, saved or hub dataset), or None for a folder of .py files."""
+    if source.startswith(HF_PREFIX):
+        return _iter_hf(source)
+    path = Path(source)
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return _iter_saved_dataset(path)
+        parquet = sorted(path.rglob("*.parquet"))
+        return _iter_parquet(parquet) if parquet else None
+    if not path.is_file():
+        raise UserError(f"{source}: no such file or folder; give a folder of .py files, a JSONL or parquet file, "
+                        "a save_to_disk folder or hf:ORG/NAME")
+    if path.suffix == ".parquet":
+        return _iter_parquet([path])
+    if path.suffix in (".gz", ".zst"):
+        return _iter_compressed_jsonl(path)
+    return read_jsonl(path)
+
+
+def _provenance(rec: dict[str, Any], licence: str) -> dict[str, Any]:
+    prov = {"path": _first(rec, PATH_KEYS), "licence": _first(rec, LICENCE_KEYS) or licence}
+    for key, value in (("repo", _first(rec, REPO_KEYS)), ("blob_id", rec.get("blob_id"))):
+        if value:
+            prov[key] = value
+    return prov
+
+
 def _iter_raw(source: str | None, licence: str, stats: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (text, provenance) per raw file/record of the source; count undecodable files in `stats`."""
-    if source is None or Path(source).is_dir():
+    rows = None if source is None else _iter_records(source)
+    if rows is None:
         root = stdlib_dir() if source is None else Path(source)
         if source is None:
             licence = STDLIB_LICENCE
@@ -99,17 +222,15 @@ def _iter_raw(source: str | None, licence: str, stats: dict[str, Any]) -> Iterat
                 stats["skipped_unreadable"] += 1
                 continue
             yield text, {"path": path.relative_to(root).as_posix(), "licence": licence}
-    elif Path(source).is_file():
-        stats["source"] = str(source)
-        for rec in read_jsonl(source):
-            stats["n_files"] += 1
-            text = rec.get("text") or rec.get("content")
-            if not isinstance(text, str):
-                stats["skipped_no_text"] += 1
-                continue
-            yield text, {"path": _first(rec, PATH_KEYS), "licence": _first(rec, LICENCE_KEYS) or licence}
-    else:
-        raise UserError(f"{source}: no such file or folder; give a folder of .py files or a JSONL with 'text'")
+        return
+    stats["source"] = str(source)
+    for rec in rows:
+        stats["n_files"] += 1
+        text = next((rec[k] for k in TEXT_KEYS if isinstance(rec.get(k), str)), None)
+        if text is None:
+            stats["skipped_no_text"] += 1
+            continue
+        yield text, _provenance(rec, licence)
 
 
 def iter_pool(
@@ -162,7 +283,7 @@ def build_pool(
 ) -> dict[str, Any]:
     """Write the pool to `out` (JSONL) and its stats beside it; returns the stats.
 
-    `source`: None for the interpreter's stdlib, a folder of .py files, or a JSONL with `text`/`content`.
+    `source`: None for the interpreter's stdlib, or any source in the module docstring.
     `licence` labels a folder or JSONL source whose records do not name their own (the stdlib is PSF-2.0).
     """
     t0 = time.perf_counter()
@@ -188,7 +309,8 @@ def build_pool(
 
 def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default=None,
-                        help="folder of .py files or JSONL with 'text'/'content' (default: this Python's stdlib)")
+                        help="folder of .py files, JSONL(.gz/.zst) or parquet file/folder with 'text'/'content', a "
+                             "save_to_disk folder, or hf:ORG/NAME[:SPLIT] (default: this Python's stdlib)")
     parser.add_argument("--out", required=True, help="output JSONL of pool documents")
     parser.add_argument("--split", choices=SPLITS, default="file",
                         help="one document per file, or per top-level function/class")
