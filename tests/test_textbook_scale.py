@@ -53,3 +53,70 @@ def test_a_lost_shard_is_redone_without_loss_or_duplicates(tmp_path, mixed):
     dec.decontaminate_sharded(mixed, out, tasks=4, workers=2)
     assert ids(out) == want and len(set(want)) == len(want)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished shards were not redone
+
+
+def code_pool(tmp_path) -> Path:
+    """Little functions of mixed quality (some documented, typed, some not) and one text twice."""
+    texts = []
+    for i in range(48):
+        doc = f'    """Scale x by {i} and shift it."""\n' if i % 3 else ""
+        hint = ("x: int", " -> int") if i % 2 else ("x", "")
+        texts.append(f"def f_{i}({hint[0]}){hint[1]}:\n{doc}    y = x * {i}  # scale\n    return y + {i % 5}\n")
+    texts.append(texts[5])
+    paths = [f"test_m{i}.py" if i % 4 == 0 else f"m{i}.py" for i in range(len(texts))]  # tests score low
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps(make_record(t, {"stage": "pool", "path": p})) + "\n"
+                            for t, p in zip(texts, paths)))
+    return path
+
+
+def test_annotate_four_tasks_two_workers_equals_one_task(tmp_path):
+    from nanophi.textbook import annotate as ann
+
+    pool = code_pool(tmp_path)
+    one = ann.annotate(pool, tmp_path / "one.jsonl", n=40, seed=1)
+    four = ann.annotate_sharded(pool, tmp_path / "four", tasks=4, workers=2, n=40, seed=1)
+    labels = lambda p: [(r["id"], r["label"], r["score"], r["provenance"]["pool"]["path"])  # noqa: E731
+                        for r in read_records(p)]
+    assert labels(tmp_path / "four") == labels(tmp_path / "one.jsonl") and 0 < one["n_positive"] < one["n_out"]
+    assert {k: four[k] for k in ("n_out", "n_positive", "n_negative")} == {
+        k: one[k] for k in ("n_out", "n_positive", "n_negative")}
+
+
+def test_annotate_cli_keeps_the_judge_on_one_process(tmp_path, capsys):
+    from nanophi.cli import main as nanophi_main
+
+    pool = code_pool(tmp_path)
+    rc = nanophi_main(["textbook", "annotate", str(pool), "--out", str(tmp_path / "j"), "--tasks", "2",
+                       "--labeler", "llm"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--tasks 1" in err[0]
+
+
+EXERCISE = '''```python
+def {name}(x):
+    """Twice x."""
+    return 2 * x
+
+assert {name}(2) == {want}
+```'''
+
+
+def test_verify_four_tasks_two_workers_equals_one_task(tmp_path):
+    from nanophi.textbook import verify as ver
+
+    recs = [make_record(EXERCISE.format(name="double", want=4), {"function_name": "double"}, kind="exercises"),
+            make_record(EXERCISE.format(name="twice", want=4), {"function_name": "twice"}, kind="exercises"),
+            make_record(EXERCISE.format(name="wrong", want=5), {"function_name": "wrong"}, kind="exercises"),
+            make_record("```python\ndef f(x):\n    return x\n```", {"function_name": "f"}, kind="exercises")]
+    recs += [make_record(f"Lists keep order, lesson {i}. " * 12 + ("```python\nxs = [1]\n```" if i % 2 else
+                         "```python\nfor x in xs\n```"), {}, kind="textbook") for i in range(6)]
+    src = tmp_path / "gen.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ver.verify(src, tmp_path / "one.jsonl", timeout=2.0, workers=2)
+    stats = ver.verify_sharded(src, tmp_path / "four", tasks=4, workers=2, timeout=2.0)
+    rows = lambda p: [(r["id"], r["text"]) for r in read_records(p)]  # noqa: E731
+    assert rows(tmp_path / "four") == rows(tmp_path / "one.jsonl") and len(rows(tmp_path / "four")) == 5
+    assert (stats["n_in"], stats["n_out"]) == (10, 5)
+    assert sorted((r["id"], r["reason"]) for r in read_removed(tmp_path / "four")) == sorted(
+        (r["id"], r["reason"]) for r in read_records(tmp_path / "one.removed.jsonl"))

@@ -40,7 +40,15 @@ from typing import Any, Protocol
 
 from nanophi.errors import UserError
 from nanophi.textbook.pool import parse_python
-from nanophi.textbook.records import append_jsonl, read_jsonl, stats_path, write_stats
+from nanophi.textbook.records import (
+    append_jsonl,
+    read_jsonl,
+    read_records,
+    sidecar_path,
+    stats_path,
+    write_jsonl_atomic,
+    write_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -301,9 +309,9 @@ class LLMJudge:
 
 def sample_records(pool_path: str | os.PathLike, n: int, seed: int) -> Iterator[dict[str, Any]]:
     """A seeded uniform sample of n records, in pool order (two passes; nothing but indices held)."""
-    total = sum(1 for _ in read_jsonl(pool_path))
+    total = sum(1 for _ in read_records(pool_path))
     keep = set(random.Random(seed).sample(range(total), min(n, total)))
-    for i, rec in enumerate(read_jsonl(pool_path)):
+    for i, rec in enumerate(read_records(pool_path)):
         if i in keep:
             yield rec
 
@@ -340,9 +348,7 @@ def annotate(
     def flush() -> None:
         nonlocal new
         labels = lab.label(batch)
-        recs = [{"id": r["id"], "text": r["text"], **lab_out, "labeler": lab.name,
-                 "provenance": {"stage": "annotate", "seed": seed, **meta, "pool": r.get("provenance")}}
-                for r, lab_out in zip(batch, labels, strict=True)]
+        recs = [_label_record(r, lab_out, lab.name, seed, meta) for r, lab_out in zip(batch, labels, strict=True)]
         new += append_jsonl(out, recs)
         batch.clear()
 
@@ -368,9 +374,61 @@ def annotate(
     return stats
 
 
+def _label_record(rec: dict[str, Any], label: dict[str, Any], labeler: str, seed: int,
+                  meta: dict[str, Any]) -> dict[str, Any]:
+    return {"id": rec["id"], "text": rec["text"], **label, "labeler": labeler,
+            "provenance": {"stage": "annotate", "seed": seed, **meta, "pool": rec.get("provenance")}}
+
+
+class RubricMapper:
+    """Per-record rubric labels for `nanophi.textbook.scale` (--tasks > 1); picklable, built once per task."""
+
+    def __init__(self, threshold: float, seed: int) -> None:
+        self.threshold, self.seed = threshold, seed
+
+    def __call__(self) -> Any:
+        lab = HeuristicRubric(self.threshold)
+        meta = lab.describe()
+
+        def label(rec: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            return _label_record(rec, lab.label([rec])[0], lab.name, self.seed, meta), None
+
+        return label
+
+
+def annotate_sharded(pool_path: str | os.PathLike, out: str | os.PathLike, *, tasks: int, workers: int,
+                     n: int = DEFAULT_SAMPLE, seed: int = 0, threshold: float | None = None) -> dict[str, Any]:
+    """`annotate` with the rubric over datatrove tasks: the same sample and labels, in shards OUT/00000.jsonl...
+
+    The sample is drawn first, in one pass over the pool (indices only), into OUT.sample.jsonl beside the
+    folder; the tasks label its byte ranges. The judge (--labeler llm) stays on one process: it waits on a
+    server, it does not compute.
+    """
+    from nanophi.textbook.scale import run_map_stage
+
+    thr = threshold if threshold is not None else HEURISTIC_THRESHOLD
+    sample = sidecar_path(out, "sample")
+    write_jsonl_atomic(sample, _unique(sample_records(pool_path, n, seed)))
+    stats = run_map_stage("annotate", sample, out, RubricMapper(thr, seed), tasks=tasks, workers=workers,
+                          params={"pool": str(pool_path), "n": n, "seed": seed, "threshold": thr})
+    stats.update(label_stats(out, HEURISTIC_LABELER), n_requested=n, pool=str(pool_path),
+                 labeler=HEURISTIC_LABELER)
+    write_stats(Path(out) / "stats.json", stats)
+    return stats
+
+
+def _unique(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The first record of each id: the pool may hold the same text twice, and it is labelled once."""
+    seen: set[str] = set()
+    for rec in records:
+        if rec["id"] not in seen:
+            seen.add(rec["id"])
+            yield rec
+
+
 def label_stats(path: str | os.PathLike, labeler: str) -> dict[str, Any]:
     """Counts over a labels file for one labeler: positives, negatives, unparsable, mean score."""
-    recs = [r for r in read_jsonl(path) if r.get("labeler") == labeler]
+    recs = [r for r in read_records(path) if r.get("labeler") == labeler]
     pos = sum(r["label"] == 1 for r in recs)
     neg = sum(r["label"] == 0 for r in recs)
     scores = [r["score"] for r in recs if isinstance(r.get("score"), (int, float))]
@@ -389,10 +447,22 @@ def add_annotate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help=f"positive label at score >= this (default {HEURISTIC_THRESHOLD} rubric, "
                              f"{JUDGE_THRESHOLD} judge)")
+    parser.add_argument("--tasks", type=int, default=1,
+                        help="> 1 (rubric only): label as datatrove tasks into a folder of shards "
+                             "--out/00000.jsonl... (needs nanophi[data])")
+    parser.add_argument("--workers", type=int, default=1, help="with --tasks: tasks run at once (processes)")
 
 
 def run_annotate(args: argparse.Namespace, teacher: Teacher | None = None) -> int:
     """CLI entry; the CLI that owns the teacher client passes it in for `--labeler llm`."""
+    if getattr(args, "tasks", 1) > 1:
+        if args.labeler != "heuristic":
+            raise UserError("--tasks > 1 runs the rubric; the judge waits on its server, run it with --tasks 1")
+        stats = annotate_sharded(args.pool, args.out, tasks=args.tasks, workers=args.workers, n=args.n,
+                                 seed=args.seed, threshold=args.threshold)
+        print(f"annotate: {stats['n_out']} labels in {args.out}/ ({args.tasks} shards, {stats['n_positive']} "
+              f"positive, {stats['n_negative']} negative)")
+        return 0
     stats = annotate(args.pool, args.out, n=args.n, seed=args.seed, labeler=args.labeler, teacher=teacher,
                      threshold=args.threshold)
     print(f"annotate: {stats['n_out']} labels in {args.out} ({stats['n_positive']} positive, "

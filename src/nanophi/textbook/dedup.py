@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from nanophi.errors import UserError
-from nanophi.textbook.records import read_jsonl, sidecar_path, stats_path, write_jsonl_atomic, write_stats
+from nanophi.textbook.records import read_records, sidecar_path, stats_path, write_jsonl_atomic, write_stats
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def dedup(
     counts = {"n_in": 0, "exact": 0, "near": 0}
 
     def kept() -> Iterator[dict[str, Any]]:
-        for rec in read_jsonl(in_path):
+        for rec in read_records(in_path):
             counts["n_in"] += 1
             key = exact_key(rec["text"])
             if key in seen_exact:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from nanophi.errors import UserError
-from nanophi.textbook.records import read_jsonl, sidecar_path, stats_path, write_jsonl_atomic, write_stats
+from nanophi.textbook.records import read_records, sidecar_path, stats_path, write_jsonl_atomic, write_stats
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def train_filter(
     from sklearn.model_selection import train_test_split
 
     t0 = time.perf_counter()
-    labeled = [r for r in read_jsonl(labels_path)
+    labeled = [r for r in read_records(labels_path)
                if r.get("label") in (0, 1) and (labeler is None or r.get("labeler") == labeler)]
     y = np.array([r["label"] for r in labeled])
     if len(labeled) < MIN_LABELS or len(set(y.tolist())) < 2:
@@ -204,7 +204,7 @@ def train_filter(
 
     def kept() -> Iterator[dict[str, Any]]:
         nonlocal n_pool
-        for batch in _batches(read_jsonl(pool_path), SCORE_BATCH):
+        for batch in _batches(read_records(pool_path), SCORE_BATCH):
             probs = clf.predict_proba(emb.embed([rec["text"] for rec in batch]))[:, positive]
             n_pool += len(batch)
             for rec, prob in zip(batch, probs, strict=True):

@@ -31,6 +31,7 @@ from nanophi.errors import UserError
 from nanophi.textbook.records import (
     append_jsonl,
     read_jsonl,
+    read_records,
     record_id,
     sidecar_path,
     stats_path,
@@ -204,6 +205,27 @@ def _verdict(rec: dict[str, Any], timeout: float, memory_mb: int) -> dict[str, A
     return v
 
 
+def _outcome(rec: dict[str, Any], v: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(the output record, None) for a kept record, (None, its removal record) for a rejected one."""
+    if not v["keep"]:
+        return None, {"id": rec["id"], "kind": _kind(rec), "reason": v["reason"],
+                      "detail": v.get("detail"), "stderr_tail": v.get("stderr_tail")}
+    prov = {**(rec.get("provenance") or {}), "verify": {"version": VERIFY_VERSION, "reason": v["reason"]}}
+    if _kind(rec) == "exercises":
+        # the training text is the solution; the raw answer stays in `answer`
+        return {"id": rec["id"], "text": v["solution"], "kind": "exercises", "problem": v["problem"],
+                "tests": v["tests"], "answer": rec["text"], "provenance": prov}, None
+    return {**rec, "provenance": prov}, None
+
+
+def _check_limits(timeout: float, memory_mb: int, workers: int) -> None:
+    from nanophi.sandbox import MAX_MEMORY_MB, MAX_TIMEOUT_S
+
+    if not 0 < timeout <= MAX_TIMEOUT_S or not 0 < memory_mb <= MAX_MEMORY_MB or workers < 1:  # NaN fails too
+        raise UserError(f"verify needs a timeout in (0, {MAX_TIMEOUT_S:g}] s, memory_mb in (0, {MAX_MEMORY_MB}] "
+                        f"and workers >= 1; got {timeout}, {memory_mb}, {workers}")
+
+
 def verify(
     in_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -214,11 +236,7 @@ def verify(
 ) -> dict[str, Any]:
     """Check every record of `in_path` (exercises run in the sandbox, textbooks parse-checked); write the kept
     ones to `out_path`, rejections to `OUT.removed.jsonl`; returns the stats (yields per kind and reason)."""
-    from nanophi.sandbox import MAX_MEMORY_MB, MAX_TIMEOUT_S
-
-    if not 0 < timeout <= MAX_TIMEOUT_S or not 0 < memory_mb <= MAX_MEMORY_MB or workers < 1:  # NaN fails too
-        raise UserError(f"verify needs a timeout in (0, {MAX_TIMEOUT_S:g}] s, memory_mb in (0, {MAX_MEMORY_MB}] "
-                        f"and workers >= 1; got {timeout}, {memory_mb}, {workers}")
+    _check_limits(timeout, memory_mb, workers)
     if Path(out_path).is_dir():
         raise UserError(f"--out {out_path} is a folder; give the file to write the kept records to")
     if Path(out_path).exists() and Path(in_path).exists() and os.path.samefile(in_path, out_path):
@@ -229,7 +247,7 @@ def verify(
     verdicts: dict[str, dict[str, Any]] = {}
     if checked_path.exists():
         verdicts = {v["key"]: v for v in read_jsonl(checked_path)}
-    records = list(read_jsonl(in_path))
+    records = list(read_records(in_path))
     todo = [r for r in records if key(r) not in verdicts]
     if len(records) - len(todo):
         log.info("verify: %d of %d already checked in %s", len(records) - len(todo), len(records), checked_path)
@@ -247,18 +265,11 @@ def verify(
 
     def kept() -> Iterator[dict[str, Any]]:
         for rec in records:
-            v = verdicts[key(rec)]
-            if not v["keep"]:
-                removed.append({"id": rec["id"], "kind": _kind(rec), "reason": v["reason"],
-                                "detail": v.get("detail"), "stderr_tail": v.get("stderr_tail")})
-                continue
-            prov = {**(rec.get("provenance") or {}), "verify": {"version": VERIFY_VERSION, "reason": v["reason"]}}
-            if _kind(rec) == "exercises":
-                # the training text is the solution; the raw answer stays in `answer`
-                yield {"id": rec["id"], "text": v["solution"], "kind": "exercises", "problem": v["problem"],
-                       "tests": v["tests"], "answer": rec["text"], "provenance": prov}
-            else:
-                yield {**rec, "provenance": prov}
+            keep, gone = _outcome(rec, verdicts[key(rec)])
+            if gone is not None:
+                removed.append(gone)
+            if keep is not None:
+                yield keep
 
     n_out = write_jsonl_atomic(out_path, kept())
     write_jsonl_atomic(sidecar_path(out_path, "removed"), removed)
@@ -285,19 +296,55 @@ def verify(
     return stats
 
 
+class VerifyMapper:
+    """Per-record verdicts for `nanophi.textbook.scale` (--tasks > 1); each task checks its records in turn."""
+
+    def __init__(self, timeout: float, memory_mb: int) -> None:
+        self.timeout, self.memory_mb = timeout, memory_mb
+
+    def __call__(self) -> Any:
+        def check(rec: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            return _outcome(rec, _verdict(rec, self.timeout, self.memory_mb))
+
+        return check
+
+
+def verify_sharded(in_path: str | os.PathLike, out: str | os.PathLike, *, tasks: int, workers: int,
+                   timeout: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> dict[str, Any]:
+    """`verify` over datatrove tasks: shards OUT/00000.jsonl..., removals in OUT/removed/.
+
+    `workers` tasks run at once, each one program at a time, so `--workers` still means programs run at once.
+    Resume is per shard (datatrove's completion markers) instead of the per-verdict OUT.checked.jsonl.
+    """
+    from nanophi.textbook.scale import run_map_stage
+
+    _check_limits(timeout, memory_mb, workers)
+    return run_map_stage("verify", in_path, out, VerifyMapper(timeout, memory_mb), tasks=tasks, workers=workers,
+                         params={"version": VERIFY_VERSION, "timeout_s": timeout, "memory_mb": memory_mb})
+
+
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="generated records (exercises.jsonl or textbooks.jsonl)")
     parser.add_argument("--out", required=True, help="output JSONL of the records that pass")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per exercise program")
     parser.add_argument("--memory-mb", type=int, default=MEMORY_MB, help="memory cap per exercise program")
-    parser.add_argument("--workers", type=int, default=WORKERS, help="programs run at once")
+    parser.add_argument("--workers", type=int, default=WORKERS,
+                        help="programs run at once (threads; with --tasks: datatrove tasks at once, processes)")
+    parser.add_argument("--tasks", type=int, default=1,
+                        help="> 1: run as datatrove tasks into a folder of shards --out/00000.jsonl... (needs "
+                             "nanophi[data])")
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    if getattr(args, "tasks", 1) > 1:
+        stats = verify_sharded(args.input, args.out, tasks=args.tasks, workers=args.workers, timeout=args.timeout,
+                               memory_mb=args.memory_mb)
+        print(f"verify: kept {stats['n_out']} of {stats['n_in']} -> {args.out}/ ({args.tasks} shards)")
+        return 0
     stats = verify(args.input, args.out, timeout=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
     print(f"verify: kept {stats['n_out']} of {stats['n_in']} -> {args.out} ("
           + "; ".join(f"{k}: {v['n_out']}/{v['n_in']} {v['reasons']}" for k, v in stats["by_kind"].items()) + ")")
     return 0
 
 
-__all__ = ["Exercise", "check_textbook", "code_blocks", "parse_exercise", "verify"]
+__all__ = ["Exercise", "check_textbook", "code_blocks", "parse_exercise", "verify", "verify_sharded"]
