@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 pytest.importorskip("datatrove", reason="optional: pip install 'nanophi[data]'")
 
+from nanophi.errors import UserError  # noqa: E402
 from nanophi.textbook import decontaminate as dec  # noqa: E402
 from nanophi.textbook.records import make_record, read_records  # noqa: E402
 from nanophi.textbook.scale import read_removed  # noqa: E402
@@ -120,3 +122,45 @@ def test_verify_four_tasks_two_workers_equals_one_task(tmp_path):
     assert (stats["n_in"], stats["n_out"]) == (10, 5)
     assert sorted((r["id"], r["reason"]) for r in read_removed(tmp_path / "four")) == sorted(
         (r["id"], r["reason"]) for r in read_records(tmp_path / "one.removed.jsonl"))
+
+
+def test_pool_four_tasks_two_workers_equals_one_task_for_files_parquet_and_jsonl(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from nanophi.textbook.pool import build_pool, build_pool_sharded
+
+    texts = [f"def g_{i}(x):\n    '''Add {i} to x, return the sum.'''\n    total = x + {i}\n    return total\n"
+             for i in range(30)]
+    texts[7] = "def broken(:\n" * 10
+    folder = tmp_path / "py"
+    folder.mkdir()
+    for i, t in enumerate(texts):
+        (folder / f"m{i:02d}.py").write_text(t)
+    rows = [{"content": t, "max_stars_repo_path": f"r/m{i}.py", "max_stars_repo_licenses": ["MIT"]}
+            for i, t in enumerate(texts)]
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:10]), stack / "a.parquet", row_group_size=3)
+    pq.write_table(pa.Table.from_pylist(rows[10:]), stack / "b.parquet", row_group_size=7)
+    jsonl = tmp_path / "stack.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = [("py", folder), ("parquet", stack), ("jsonl", jsonl)]
+    if importlib.util.find_spec("datasets") is not None:
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+        sources.append(("saved", tmp_path / "saved"))
+    for name, src in sources:
+        one = build_pool(str(src), tmp_path / f"{name}.jsonl", split="function", licence="x")
+        four = build_pool_sharded(str(src), tmp_path / name, tasks=4, workers=2, split="function", licence="x")
+        want = [(r["id"], r["provenance"]["path"], r["provenance"]["licence"])
+                for r in read_records(tmp_path / f"{name}.jsonl")]
+        assert [(r["id"], r["provenance"]["path"], r["provenance"]["licence"])
+                for r in read_records(tmp_path / name)] == want and len(want) == 29, name
+        assert (four["n_out"], four["n_files"], four["skipped_unparsable"]) == (29, 30, 1) == (
+            one["n_out"], one["n_files"], one["skipped_unparsable"])
+    gz = tmp_path / "stack.jsonl.gz"
+    gz.write_bytes(b"")
+    with pytest.raises(UserError, match="a stream is read by one task"):  # in this process, before any task
+        build_pool_sharded(str(gz), tmp_path / "gz", tasks=2, workers=1)

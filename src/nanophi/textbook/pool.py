@@ -97,17 +97,25 @@ def _missing(package: str, what: str) -> UserError:
     return UserError(f"{what} needs the '{package}' package, which is not installed: pip install {package}")
 
 
-def _iter_parquet(files: list[Path]) -> Iterator[dict[str, Any]]:
+def _part(items: list[Any], rank: int, world: int) -> list[Any]:
+    """Rank's contiguous share of `items`: read in rank order, the shares are `items` in order."""
+    return items[rank * len(items) // world:(rank + 1) * len(items) // world]
+
+
+def _iter_parquet(files: list[Path], rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise _missing("pyarrow", "a parquet source") from None
-    for path in files:
-        pf = pq.ParquetFile(path)
+    wanted = set(TEXT_KEYS + LICENCE_KEYS + PATH_KEYS + REPO_KEYS + ("blob_id",))
+    # a task's unit is a row group (The Stack's shards hold many), so --tasks N splits even one big file
+    groups = [(path, g) for path in files for g in range(pq.ParquetFile(path).num_row_groups)]
+    opened: dict[Path, Any] = {}
+    for path, g in _part(groups, rank, world):
+        pf = opened.setdefault(path, pq.ParquetFile(path))
         # read only the columns we use: The Stack carries dozens (star counts, dates, ...) per row
-        wanted = set(TEXT_KEYS + LICENCE_KEYS + PATH_KEYS + REPO_KEYS + ("blob_id",))
         columns = [c for c in pf.schema_arrow.names if c in wanted]
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=[g], columns=columns):
             yield from batch.to_pylist()
 
 
@@ -164,33 +172,41 @@ def _is_saved_dataset(root: Path) -> bool:
     return (root / "dataset_info.json").is_file() or (root / "dataset_dict.json").is_file()
 
 
-def _iter_saved_dataset(root: Path) -> Iterator[dict[str, Any]]:
+def _iter_saved_dataset(root: Path, rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
     datasets = _import_datasets(f"{root} (a dataset saved with save_to_disk)")
     ds = datasets.load_from_disk(str(root))
     if isinstance(ds, datasets.DatasetDict):  # saved with every split: the pool is the training split
         if "train" not in ds:
             raise UserError(f"{root}: a DatasetDict without a 'train' split (has {sorted(ds)}); save one split")
         ds = ds["train"]
-    yield from ds
+    yield from ds.shard(world, rank, contiguous=True) if world > 1 else ds
 
 
-def _iter_records(source: str) -> Iterator[dict[str, Any]] | None:
-    """The rows of a tabular source (JSONL, parquet, saved or hub dataset), or None for a folder of .py files."""
+def _iter_records(source: str, rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]] | None:
+    """The rows of a tabular source (JSONL, parquet, saved or hub dataset), or None for a folder of .py files.
+    With world > 1, rank's contiguous part of them."""
+    path = Path(source)
+    streamed = source.startswith(HF_PREFIX) or path.suffix in (".gz", ".zst")
+    if streamed and world > 1:  # a stream can only be read from its start
+        raise UserError(f"{source}: a stream is read by one task; use --tasks 1, or give parquet/JSONL files")
     if source.startswith(HF_PREFIX):
         return _iter_hf(source)
-    path = Path(source)
     if path.is_dir():
         if _is_saved_dataset(path):
-            return _iter_saved_dataset(path)
+            return _iter_saved_dataset(path, rank, world)
         parquet = sorted(path.rglob("*.parquet"))
-        return _iter_parquet(parquet) if parquet else None
+        return _iter_parquet(parquet, rank, world) if parquet else None
     if not path.is_file():
         raise UserError(f"{source}: no such file or folder; give a folder of .py files, a JSONL or parquet file, "
                         "a save_to_disk folder or hf:ORG/NAME")
     if path.suffix == ".parquet":
-        return _iter_parquet([path])
-    if path.suffix in (".gz", ".zst"):
+        return _iter_parquet([path], rank, world)
+    if streamed:
         return _iter_compressed_jsonl(path)
+    if world > 1:
+        from nanophi.textbook.scale import iter_range
+
+        return iter_range([path], rank, world)
     return read_jsonl(path)
 
 
@@ -202,15 +218,17 @@ def _provenance(rec: dict[str, Any], licence: str) -> dict[str, Any]:
     return prov
 
 
-def _iter_raw(source: str | None, licence: str, stats: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (text, provenance) per raw file/record of the source; count undecodable files in `stats`."""
-    rows = None if source is None else _iter_records(source)
+def _iter_raw(source: str | None, licence: str, stats: dict[str, Any], rank: int = 0,
+              world: int = 1) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (text, provenance) per raw file/record of the source (rank's part of it); count undecodable files
+    in `stats`."""
+    rows = None if source is None else _iter_records(source, rank, world)
     if rows is None:
         root = stdlib_dir() if source is None else Path(source)
         if source is None:
             licence = STDLIB_LICENCE
         stats["source"] = f"stdlib:{root}" if source is None else str(root)
-        for path in iter_py_files(root):
+        for path in _part(list(iter_py_files(root)), rank, world):
             stats["n_files"] += 1
             try:
                 text = path.read_bytes().decode("utf-8")
@@ -241,15 +259,18 @@ def iter_pool(
     max_chars: int = MAX_CHARS,
     licence: str = "unknown",
     stats: dict[str, Any] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[dict[str, Any]]:
-    """Yield pool records from `source` (None: the stdlib). Counters go into `stats` if given."""
+    """Yield pool records from `source` (None: the stdlib), or from rank's part of it when `world` > 1.
+    Counters go into `stats` if given."""
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
     st: dict[str, Any] = stats if stats is not None else {}
     for key in ("n_files", "skipped_non_utf8", "skipped_unreadable", "skipped_no_text", "skipped_unparsable",
                 "skipped_short", "skipped_long"):
         st.setdefault(key, 0)
-    for text, prov in _iter_raw(source, licence, st):
+    for text, prov in _iter_raw(source, licence, st, rank, world):
         tree = parse_python(text)
         if tree is None:
             st["skipped_unparsable"] += 1
@@ -307,6 +328,41 @@ def build_pool(
     return stats
 
 
+class PoolSource:
+    """Rank's part of a pool for `nanophi.textbook.scale.run_source_stage` (--tasks > 1); picklable."""
+
+    def __init__(self, source: str | None, **options: Any) -> None:
+        self.source, self.options = source, options
+
+    def __call__(self, rank: int, world: int, counts: Any) -> Iterator[dict[str, Any]]:
+        stats: dict[str, Any] = {}
+        yield from iter_pool(self.source, stats=stats, rank=rank, world=world, **self.options)
+        counts.update({k: v for k, v in stats.items() if isinstance(v, int)})
+
+
+def build_pool_sharded(source: str | None, out: str | os.PathLike, *, tasks: int, workers: int,
+                       split: str = "file", min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS,
+                       licence: str = "unknown") -> dict[str, Any]:
+    """`build_pool` over datatrove tasks into shards OUT/00000.jsonl...: task r reads the r-th contiguous part
+    of the source's files (parquet: row groups; JSONL: line-aligned byte ranges), so the shards read in order
+    are the pool of `--tasks 1`."""
+    from nanophi.textbook.scale import run_source_stage
+
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {SPLITS}, got {split!r}")
+    if source is not None:
+        # the source checks (no such path, a stream split into tasks) fail here as one line, not in every task
+        _iter_records(source, 0, tasks)
+    t0 = time.perf_counter()
+    options = {"split": split, "min_chars": min_chars, "max_chars": max_chars, "licence": licence}
+    stats = run_source_stage("pool", PoolSource(source, **options), out, tasks=tasks, workers=workers,
+                             params={"source": str(source) if source else f"stdlib:{stdlib_dir()}", **options})
+    stats["n_in"] = stats.get("n_files", 0)
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    write_stats(Path(out) / "stats.json", stats)
+    return stats
+
+
 def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default=None,
                         help="folder of .py files, JSONL(.gz/.zst) or parquet file/folder with 'text'/'content', a "
@@ -318,9 +374,21 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-chars", type=int, default=MIN_CHARS, help="drop shorter documents")
     parser.add_argument("--max-chars", type=int, default=MAX_CHARS, help="drop longer documents")
     parser.add_argument("--licence", default="unknown", help="licence of a folder/JSONL source without its own")
+    parser.add_argument("--tasks", type=int, default=1,
+                        help="> 1: run as datatrove tasks into a folder of shards --out/00000.jsonl... (needs "
+                             "nanophi[data])")
+    parser.add_argument("--workers", type=int, default=1, help="with --tasks: tasks run at once (processes)")
 
 
 def run_pool(args: argparse.Namespace) -> int:
+    if getattr(args, "tasks", 1) > 1:
+        if args.max_docs is not None:
+            raise UserError("--max-docs stops one pass at a count; run it with --tasks 1")
+        stats = build_pool_sharded(args.source, args.out, tasks=args.tasks, workers=args.workers, split=args.split,
+                                   min_chars=args.min_chars, max_chars=args.max_chars, licence=args.licence)
+        print(f"pool: {stats['n_out']} documents from {stats['n_files']} files -> {args.out}/ ({args.tasks} "
+              f"shards, {stats['seconds']} s)")
+        return 0
     stats = build_pool(args.source, args.out, split=args.split, max_docs=args.max_docs,
                        min_chars=args.min_chars, max_chars=args.max_chars, licence=args.licence)
     print(f"pool: {stats['n_out']} documents from {stats['n_files']} files -> {args.out} "

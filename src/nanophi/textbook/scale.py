@@ -80,7 +80,11 @@ def iter_range(files: list[Path], rank: int, world: int) -> Iterator[dict[str, A
         base += size
 
 
-def _steps() -> tuple[type, type, type]:
+# (rank, world, counts) -> the records of rank's part of a source (`textbook pool`); counts filled as it goes
+Source = Callable[[int, int, Counter], Iterator[dict[str, Any]]]
+
+
+def _steps() -> tuple[type, type, type, type]:
     """The three pipeline steps; defined on first use so that importing this module needs no datatrove."""
     from datatrove.data import Document
     from datatrove.pipeline.base import PipelineStep
@@ -121,6 +125,20 @@ def _steps() -> tuple[type, type, type]:
             write_jsonl_atomic(out / "removed" / f"{rank:05d}.jsonl", removed)
             write_stats(out / WORKDIR / "counts" / f"{rank:05d}.json", dict(counts))
 
+    class SourceReader(PipelineStep):
+        type, name = "nanophi", "source reader"
+
+        def __init__(self, source: Source, out: str) -> None:
+            super().__init__()
+            self.source, self.out = source, out
+
+        def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+            counts: Counter = Counter()
+            for rec in self.source(rank, world_size, counts):
+                counts["n_out"] += 1
+                yield Document(text=rec["text"], id=rec["id"], metadata={"record": rec})
+            write_stats(Path(self.out) / WORKDIR / "counts" / f"{rank:05d}.json", dict(counts))
+
     class ShardWriter(PipelineStep):
         type, name = "nanophi", "shard writer"
 
@@ -133,38 +151,64 @@ def _steps() -> tuple[type, type, type]:
             write_jsonl_atomic(Path(self.out) / f"{rank:05d}.jsonl", (d.metadata["record"] for d in data))
             return iter(())
 
-    return ShardReader, RecordMap, ShardWriter
+    return ShardReader, RecordMap, SourceReader, ShardWriter
+
+
+def _check(tasks: int, workers: int, out: Path) -> None:
+    require_datatrove()
+    if tasks < 1 or workers < 1:
+        raise UserError(f"--tasks and --workers must be at least 1, got {tasks} and {workers}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, but --tasks {tasks} writes a folder of shards there; give a folder")
+
+
+def _execute(out: Path, pipeline: list[Any], *, tasks: int, workers: int, params: dict[str, Any]) -> Counter:
+    """Run `pipeline` as `tasks` datatrove tasks into OUT (reusing finished shards of the same `params`); returns
+    the per-shard counts summed."""
+    from datatrove.executor import LocalPipelineExecutor
+
+    work = out / WORKDIR
+    prior = work / "params.json"
+    if prior.exists() and json.loads(prior.read_text()) != params:  # other settings: nothing here is reusable
+        shutil.rmtree(out)
+    work.mkdir(parents=True, exist_ok=True)
+    write_stats(prior, params)
+    LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(work),
+                          start_method="fork").run()
+    total: Counter = Counter()
+    for path in sorted((work / "counts").glob("*.json")):
+        total.update(json.loads(path.read_text()))
+    return total
 
 
 def run_map_stage(stage: str, in_path: str | os.PathLike, out: str | os.PathLike, make_mapper: Callable[[], Mapper],
                   *, tasks: int, workers: int, params: dict[str, Any]) -> dict[str, Any]:
     """Run `make_mapper()`'s function over every record of `in_path` in `tasks` datatrove tasks, `workers` at
     once, into shards OUT/00000.jsonl...; returns (and writes to OUT/stats.json) the counts summed over shards."""
-    require_datatrove()
-    from datatrove.executor import LocalPipelineExecutor
-
-    if tasks < 1 or workers < 1:
-        raise UserError(f"--tasks and --workers must be at least 1, got {tasks} and {workers}")
-    files = shard_files(in_path)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, but --tasks {tasks} writes a folder of shards there; give a folder")
-    work = out / WORKDIR
+    _check(tasks, workers, out)
+    files = shard_files(in_path)
     params = {**params, "stage": stage, "tasks": tasks, "input": [str(f) for f in files]}
-    prior = work / "params.json"
-    if prior.exists() and json.loads(prior.read_text()) != params:  # other settings: nothing here is reusable
-        shutil.rmtree(out)
-    work.mkdir(parents=True, exist_ok=True)
-    write_stats(prior, params)
-    ShardReader, RecordMap, ShardWriter = _steps()
+    ShardReader, RecordMap, _, ShardWriter = _steps()
     pipeline = [ShardReader([str(f) for f in files]), RecordMap(make_mapper, str(out)), ShardWriter(str(out))]
-    LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(work),
-                          start_method="fork").run()
-    total = Counter()
-    for path in sorted((work / "counts").glob("*.json")):
-        total.update(json.loads(path.read_text()))
+    total = _execute(out, pipeline, tasks=tasks, workers=workers, params=params)
     stats = {**params, "input": str(in_path), "workers": workers,
              "n_in": total["n_in"], "n_out": total["n_out"]}
+    write_stats(out / "stats.json", stats)
+    return stats
+
+
+def run_source_stage(stage: str, source: Source, out: str | os.PathLike, *, tasks: int, workers: int,
+                     params: dict[str, Any]) -> dict[str, Any]:
+    """Write the records of `source` (split by rank, in order) as shards OUT/00000.jsonl... in `tasks` datatrove
+    tasks; every count the source keeps is summed over shards into OUT/stats.json."""
+    out = Path(out)
+    _check(tasks, workers, out)
+    params = {**params, "stage": stage, "tasks": tasks}
+    _, _, SourceReader, ShardWriter = _steps()
+    total = _execute(out, [SourceReader(source, str(out)), ShardWriter(str(out))], tasks=tasks, workers=workers,
+                     params=params)
+    stats = {**params, "workers": workers, **dict(sorted(total.items()))}
     write_stats(out / "stats.json", stats)
     return stats
 
