@@ -182,27 +182,42 @@ def _kind(rec: dict[str, Any]) -> str:
     return rec.get("kind") or (rec.get("provenance") or {}).get("kind") or "textbook"
 
 
-def _verdict(rec: dict[str, Any], timeout: float, memory_mb: int) -> dict[str, Any]:
-    """Check one record; the verdict holds what the output record needs."""
-    from nanophi.sandbox import run_program
-
+def _prepare(rec: dict[str, Any]) -> dict[str, Any] | Exercise:
+    """The verdict of a record that needs nothing run, or the exercise to run. Only this step parses Python."""
     if _kind(rec) == "textbook":
         keep, reason, counts = check_textbook(rec["text"])
         return {"keep": keep, "reason": reason, **counts}
-    name = (rec.get("provenance") or {}).get("function_name")
-    ex, reason = parse_exercise(rec["text"], name)
-    if ex is None:
-        return {"keep": False, "reason": reason}
+    ex, reason = parse_exercise(rec["text"], _asked_name(rec))
+    return ex if ex is not None else {"keep": False, "reason": reason}
+
+
+def _asked_name(rec: dict[str, Any]) -> str | None:
+    return (rec.get("provenance") or {}).get("function_name")
+
+
+def _run(rec: dict[str, Any], prepared: dict[str, Any] | Exercise, timeout: float, memory_mb: int
+         ) -> dict[str, Any]:
+    """The verdict: `prepared` itself, or the outcome of running the exercise in the sandbox."""
+    from nanophi.sandbox import run_program
+
+    if not isinstance(prepared, Exercise):
+        return prepared
+    ex = prepared
     result = run_program(ex.program(), timeout=timeout, memory_mb=memory_mb)
     v: dict[str, Any] = {"keep": result.passed, "reason": "passed" if result.passed else f"tests_{result.status}",
                          "detail": result.reason, "seconds": round(result.duration_s, 3),
-                         "name": ex.name, "name_as_asked": ex.name == name, "problem": ex.problem,
+                         "name": ex.name, "name_as_asked": ex.name == _asked_name(rec), "problem": ex.problem,
                          "solution": ex.solution, "tests": ex.tests}
     if not result.passed:
         v["stderr_tail"] = result.stderr[-300:]
     if result.status == "error":  # the sandbox itself failed: that says nothing about the exercise
         raise RuntimeError(f"the sandbox could not run a program: {result.reason}")
     return v
+
+
+def _verdict(rec: dict[str, Any], timeout: float, memory_mb: int) -> dict[str, Any]:
+    """Check one record; the verdict holds what the output record needs."""
+    return _run(rec, _prepare(rec), timeout, memory_mb)
 
 
 def _outcome(rec: dict[str, Any], v: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -254,8 +269,12 @@ def verify(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(todo), CHECK_BATCH):
             chunk = todo[start:start + CHECK_BATCH]
-            new = [{"key": key(r), "id": r["id"], **v}
-                   for r, v in zip(chunk, pool.map(lambda r: _verdict(r, timeout, memory_mb), chunk))]
+            # parse here, run in the threads: CPython 3.11 keeps the ast builder's recursion depth in shared
+            # state, so two threads parsing at once can fail with "AST constructor recursion depth mismatch"
+            # (python/cpython#106905); a sandboxed program is its own process
+            prepared = [_prepare(r) for r in chunk]
+            verdicts_now = pool.map(lambda rp: _run(rp[0], rp[1], timeout, memory_mb), zip(chunk, prepared))
+            new = [{"key": key(r), "id": r["id"], **v} for r, v in zip(chunk, verdicts_now)]
             append_jsonl(checked_path, new)
             verdicts.update((v["key"], v) for v in new)
     if not checked_path.exists():
