@@ -97,9 +97,18 @@ def _missing(package: str, what: str) -> UserError:
     return UserError(f"{what} needs the '{package}' package, which is not installed: pip install {package}")
 
 
-def _part(items: list[Any], rank: int, world: int) -> list[Any]:
-    """Rank's contiguous share of `items`: read in rank order, the shares are `items` in order."""
-    return items[rank * len(items) // world:(rank + 1) * len(items) // world]
+def _part(items: list[Any], rank: int, world: int, sizes: list[int] | None = None) -> list[Any]:
+    """Rank's contiguous share of `items`, cut by `sizes` (bytes) when given so that tasks get similar work;
+    read in rank order, the shares are `items` in order."""
+    if world == 1:
+        return items
+    sizes = sizes if sizes is not None else [1] * len(items)
+    total, start, out = max(1, sum(sizes)), 0, []
+    for item, size in zip(items, sizes, strict=True):
+        if start * world // total == rank:  # the share in which this item starts
+            out.append(item)
+        start += size
+    return out
 
 
 def _iter_parquet(files: list[Path], rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
@@ -109,9 +118,14 @@ def _iter_parquet(files: list[Path], rank: int = 0, world: int = 1) -> Iterator[
         raise _missing("pyarrow", "a parquet source") from None
     wanted = set(TEXT_KEYS + LICENCE_KEYS + PATH_KEYS + REPO_KEYS + ("blob_id",))
     # a task's unit is a row group (The Stack's shards hold many), so --tasks N splits even one big file
-    groups = [(path, g) for path in files for g in range(pq.ParquetFile(path).num_row_groups)]
+    groups, sizes = [], []
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            groups.append((path, g))
+            sizes.append(meta.row_group(g).total_byte_size)
     opened: dict[Path, Any] = {}
-    for path, g in _part(groups, rank, world):
+    for path, g in _part(groups, rank, world, sizes):
         pf = opened.setdefault(path, pq.ParquetFile(path))
         # read only the columns we use: The Stack carries dozens (star counts, dates, ...) per row
         columns = [c for c in pf.schema_arrow.names if c in wanted]
@@ -228,7 +242,8 @@ def _iter_raw(source: str | None, licence: str, stats: dict[str, Any], rank: int
         if source is None:
             licence = STDLIB_LICENCE
         stats["source"] = f"stdlib:{root}" if source is None else str(root)
-        for path in _part(list(iter_py_files(root)), rank, world):
+        files = list(iter_py_files(root))
+        for path in _part(files, rank, world, [f.stat().st_size for f in files] if world > 1 else None):
             stats["n_files"] += 1
             try:
                 text = path.read_bytes().decode("utf-8")
