@@ -164,3 +164,13 @@ def test_pool_four_tasks_two_workers_equals_one_task_for_files_parquet_and_jsonl
     gz.write_bytes(b"")
     with pytest.raises(UserError, match="a stream is read by one task"):  # in this process, before any task
         build_pool_sharded(str(gz), tmp_path / "gz", tasks=2, workers=1)
+
+
+def test_a_corrupt_line_is_one_clear_error_and_its_shard_is_not_marked_done(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id":"a","text":"x = 1"}\nnot json\n' + "".join(
+        json.dumps(make_record(f"y = {i}", {})) + "\n" for i in range(6)))
+    with pytest.raises(UserError, match=r"bad.jsonl: the line at byte 26 is not a JSON record"):
+        dec.decontaminate_sharded(bad, tmp_path / "out", tasks=2, workers=2)
+    assert not (tmp_path / "out" / "00000.jsonl").exists()
+    assert not (tmp_path / "out" / ".datatrove" / "completions" / "00000").exists()

@@ -33,6 +33,9 @@ Mapper = Callable[[dict[str, Any]], tuple[dict[str, Any] | None, dict[str, Any] 
 
 
 def require_datatrove() -> None:
+    # loguru (datatrove's logger) prints every local variable of a failing task by default: record texts and
+    # all; a plain traceback says where, and the one-line error after it says what
+    os.environ.setdefault("LOGURU_DIAGNOSE", "NO")
     try:
         import datatrove  # noqa: F401
     except ImportError:
@@ -74,14 +77,25 @@ def iter_range(files: list[Path], rank: int, world: int) -> Iterator[dict[str, A
             with open(path, "rb") as f:
                 f.seek(start)
                 while f.tell() < end:
+                    at = f.tell()
                     line = f.readline()
                     if line.strip():
-                        yield json.loads(line)
+                        yield _parse(line, path, at)
         base += size
 
 
 # (rank, world, counts) -> the records of rank's part of a source (`textbook pool`); counts filled as it goes
 Source = Callable[[int, int, Counter], Iterator[dict[str, Any]]]
+
+
+def _parse(line: bytes, path: Path, at: int) -> dict[str, Any]:
+    try:
+        rec = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        rec = None
+    if not isinstance(rec, dict):
+        raise UserError(f"{path}: the line at byte {at} is not a JSON record; the file is corrupt, regenerate it")
+    return rec
 
 
 def _steps() -> tuple[type, type, type, type]:
