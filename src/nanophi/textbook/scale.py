@@ -9,6 +9,9 @@ renames it when done; datatrove marks the task complete only after that (OUT/.da
 killed with -9 therefore leaves whole shards or none, and a rerun redoes only the unmarked tasks: no record is
 lost or written twice. Per-shard counts go to OUT/.datatrove/counts/ and are summed into OUT/stats.json.
 
+`textbook pool` reads a source rather than records: `run_source_stage` runs SourceReader (the stage's function of
+(rank, world) -> rank's contiguous part of the source, in order) -> ShardWriter, with the same shards and resume.
+
 datatrove is imported only here and only when a stage runs with --tasks > 1 (`pip install 'nanophi[data]'`).
 """
 
