@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanophi import checkpoint
-from nanophi.chat import PLAIN_TEMPLATE, apply_chat_template
+from nanophi.chat_template import PLAIN_TEMPLATE, apply_chat_template
 from nanophi.cli import main
 from nanophi.errors import UserError
 from nanophi.generate import (Engine, QuantLinear, TextStream, apply_repetition_penalty, bench_generate,

@@ -251,7 +251,7 @@ def test_echo_logprobs_are_the_models_own(server) -> None:
 
 
 def test_long_prompt_is_scored_in_windows(server) -> None:
-    from nanophi.evaluate import score_tokens
+    from nanophi.scoring import score_tokens
 
     base, engine = server
     ids = engine.tokenizer.encode("It was the best of small models, it was the worst of small models. " * 12)

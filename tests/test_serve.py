@@ -17,7 +17,7 @@ from conftest import free_port, serve_in_thread
 import torch
 
 from nanophi import checkpoint
-from nanophi.chat import PLAIN_TEMPLATE, apply_chat_template
+from nanophi.chat_template import PLAIN_TEMPLATE, apply_chat_template
 from nanophi.generate import Engine
 from nanophi.model import GPT, PRESETS, GPTConfig
 from nanophi.tokenizer import CharTokenizer

@@ -6,7 +6,7 @@ The trainer calls, in order, for every callback:
               -> optimizer step -> on_step_end(trainer, record) [may add keys to record]
               -> on_log(trainer, record) when the record is logged
     on_eval(trainer, record), on_sample(trainer, step, text), on_train_end(trainer, summary)
-Callbacks that add keys (diagnostics) must come before the sinks that write them; `build_callbacks` orders them.
+Callbacks that add keys (diagnostics) must come before the sinks that write them; `nanophi.train.build_callbacks` orders them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,31 +79,3 @@ class ConsoleLog(Callback):
 
     def on_sample(self, trainer: Trainer, step: int, text: str) -> None:
         log.info(f"sample at step {step}: {text!r}")
-
-
-def build_callbacks(trainer: Trainer) -> list[Callback]:
-    """The callbacks a run's config asks for, in the order the contract above needs."""
-    tc = trainer.cfg.train
-    run_dir = trainer.run_dir
-    cbs: list[Callback] = []
-    if tc.debug_interval > 0:
-        from nanophi.debug.diagnostics import HealthMonitor
-
-        cbs.append(HealthMonitor(tc.debug_interval))
-    cbs.append(MetricsFile(run_dir / "metrics.jsonl"))
-    if tc.tensorboard:
-        from nanophi.debug.sinks import TensorBoardSink
-
-        cbs.append(TensorBoardSink(run_dir / "tensorboard"))
-    if tc.wandb:
-        from nanophi.debug.sinks import WandbSink
-
-        cbs.append(WandbSink(run_dir, trainer.cfg.to_dict()))
-    want_dashboard = tc.dashboard == "on" or (tc.dashboard == "auto" and sys.stdout.isatty())
-    if want_dashboard:
-        from nanophi.debug.dashboard import Dashboard
-
-        cbs.append(Dashboard())
-    else:
-        cbs.append(ConsoleLog())
-    return cbs

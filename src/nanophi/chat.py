@@ -1,4 +1,4 @@
-"""Chat: render a model's chat template, and the `nanophi chat` terminal REPL.
+"""`nanophi chat`: the terminal REPL (the chat template itself is rendered by nanophi.chat_template).
 
     nanophi chat smollm2-135m-instruct
     > What is a list comprehension?
@@ -14,50 +14,12 @@ models) chats by plain continuation: the conversation is one growing text the mo
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from typing import Any, TextIO
 
-from nanophi.errors import UserError
+from nanophi.chat_template import apply_chat_template, chat_template
 
 COMMANDS_HELP = "/reset forgets the conversation, /exit quits"
-# Used where a template is needed (the server's chat endpoint) and the tokenizer has none.
-PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                  "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def chat_template(tokenizer: Any) -> str | None:
-    return getattr(tokenizer, "chat_template", None) or None
-
-
-def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                        template: str | None = None) -> str:
-    """The prompt text for `messages` under the tokenizer's chat template (or `template`, or PLAIN_TEMPLATE)."""
-    from jinja2 import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise UserError(f"the chat template refused the conversation: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
-                                                                                  ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    special = {}
-    for name in ("bos", "eos"):
-        tid = getattr(tokenizer, f"{name}_id", None)
-        special[f"{name}_token"] = tokenizer.decode([tid]) if tid is not None else ""
-    source = template or chat_template(tokenizer) or PLAIN_TEMPLATE
-    try:
-        return env.from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                              **special)
-    except TemplateError as e:
-        raise UserError(f"the model's chat template failed to render ({e})") from None
-
-
 # --- the REPL ------------------------------------------------------------------------------------------------
 class ChatSession:
     """One conversation with a model: templated turns when the tokenizer has a chat template, else a growing

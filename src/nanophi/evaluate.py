@@ -3,17 +3,15 @@
     nanophi eval runs/book                                  # val loss and bits per byte on the run's own corpus
     nanophi eval runs/book --tasks arc_easy,hellaswag       # lm-eval's tasks on nanophi's model (nanophi.harness)
 
-`score_tokens` is the log-probability of every token of a sequence under the model, the one forward pass that
-both `nanophi serve` (echo + logprobs) and the lm-eval adapter score with.
+Per-token scoring (serve's echo + logprobs, the lm-eval adapter) lives in `nanophi.scoring`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nanophi import checkpoint
 from nanophi.device import pick_device
@@ -54,70 +52,6 @@ def evaluate_model(
     metrics = evaluate_tokens(model, tokens, n_bytes, model.config.block_size, batch_size, dev)
     return {"model": str(model_ref), "split": split, "loss": metrics["val_loss"], "bpb": metrics["val_bpb"],
             "tokens": metrics["val_tokens"], "data": prepared.meta.get("source")}
-
-
-# Logits of one scoring batch are (rows, T, vocab) fp32: cap their elements so a 50k vocabulary over a long
-# context does not need gigabytes (2**26 floats = 256 MiB).
-SCORE_LOGIT_BUDGET = 2**26
-
-
-@dataclass
-class TokenScores:
-    """How the model scores one sequence ids[0..n): entry j is about token j + 1 given ids[0..j]."""
-
-    logprobs: list[float]  # log p(ids[j+1] | ids[:j+1])
-    greedy: list[bool]  # ids[j+1] is the model's most likely next token there
-    top: list[list[tuple[int, float]]]  # the top_k (id, logprob) there, most likely first ([] when top_k = 0)
-
-
-def score_tokens(model: Any, rows: Sequence[Sequence[int]], top_k: int = 0, dtype: Any = None) -> list[TokenScores]:
-    """Per-token log-probabilities of each row (n - 1 entries for n tokens), in batches of right-padded rows
-    (the model is causal, so padding after a token never changes its logits). A row longer than the context is
-    read in windows of block_size tokens that advance by half a context, each position scored once with at
-    least half a context before it (Engine's refill rule)."""
-    import torch
-
-    from nanophi.device import autocast
-
-    block = model.config.block_size
-    device = next(model.parameters()).device
-    dtype = dtype or torch.float32
-    # (row, window start, first position scored in it, window end): every position 1..n-1 in exactly one window
-    windows: list[tuple[int, int, int, int]] = []
-    for r, ids in enumerate(rows):
-        n, end = len(ids), min(len(ids), block)
-        windows.append((r, 0, 1, end))
-        while end < n:
-            new_end = min(n, end + block // 2)
-            windows.append((r, new_end - block, end, new_end))
-            end = new_end
-    per_batch = max(1, SCORE_LOGIT_BUDGET // (block * model.config.vocab_size))
-    out = [TokenScores([], [], []) for _ in rows]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for b in range(0, len(windows), per_batch):
-                batch = windows[b:b + per_batch]
-                T = max(e - s for _, s, _, e in batch)
-                x = torch.zeros(len(batch), T, dtype=torch.long)
-                for i, (r, s, _, e) in enumerate(batch):
-                    x[i, :e - s] = torch.tensor(rows[r][s:e], dtype=torch.long)
-                x = x.to(device)
-                with autocast(device, dtype):
-                    logits, _ = model(x, all_logits=True)
-                logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-                for i, (r, s, first, e) in enumerate(batch):
-                    pred = logp[i, first - 1 - s:e - 1 - s]  # the distributions that predict tokens first..e-1
-                    target = x[i, first - s:e - s]
-                    out[r].logprobs += pred.gather(-1, target[:, None])[:, 0].tolist()
-                    out[r].greedy += (pred.argmax(-1) == target).tolist()
-                    if top_k:
-                        values, ids = pred.topk(min(top_k, pred.size(-1)), dim=-1)
-                        out[r].top += [list(zip(i_row, v_row)) for i_row, v_row in zip(ids.tolist(), values.tolist())]
-    finally:
-        model.train(was_training)
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -445,7 +445,7 @@ class Engine:
     ) -> str:
         """The assistant's reply to `messages` ([{"role": ..., "content": ...}]), rendered with the tokenizer's
         chat template (a plain "role: content" transcript when it has none)."""
-        from nanophi.chat import apply_chat_template
+        from nanophi.chat_template import apply_chat_template
 
         prompt = apply_chat_template(self.tokenizer, messages, add_generation_prompt=True)
         return self.generate([prompt], max_new_tokens, temperature, top_k, top_p, stop, seed,

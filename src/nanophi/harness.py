@@ -2,7 +2,7 @@
 
 `NanophiLM` is an `lm_eval.api.model.LM` (through lm-eval's `TemplateLM`, which splits context from
 continuation the way its `hf` model does): loglikelihood and loglikelihood_rolling score token batches with one
-forward pass each (`nanophi.evaluate.score_tokens`), generate_until runs batches through the Engine's KV cache.
+forward pass each (`nanophi.scoring.score_tokens`), generate_until runs batches through the Engine's KV cache.
 Inputs are truncated exactly as lm-eval's `hf` model truncates them (the last block_size + 1 tokens; a prompt to
 continue keeps its last block_size - max_gen_toks), so a nanophi run and its `nanophi export --format hf` get the
 same scores from lm-eval.
@@ -69,7 +69,7 @@ class NanophiLM(TemplateLM):
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per request."""
-        from nanophi.evaluate import score_tokens
+        from nanophi.scoring import score_tokens
 
         if self.prefix_token_id is None and any(not ctx for _, ctx, _ in requests):
             raise UserError("this task scores text without a context, which needs a tokenizer with a start or end "

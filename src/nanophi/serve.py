@@ -13,7 +13,7 @@ one) and `echo: true` (the prompt's tokens come back first, scored, the first on
 to score a prompt without generating: what lm-evaluation-harness's `local-completions` sends for loglikelihood
 tasks. Chat completions take `logprobs: true` and `top_logprobs: K` in the chat shape. Log-probabilities are the
 model's own (before temperature or top-p), from one forward pass over prompt and completion
-(`nanophi.evaluate.score_tokens`); a prompt scored with `max_tokens: 0` may be longer than the context.
+(`nanophi.scoring.score_tokens`); a prompt scored with `max_tokens: 0` may be longer than the context.
 
 `"stream": true` answers with server-sent events (`data: {...}\\n\\n` ... `data: [DONE]\\n\\n`). Errors are 4xx/5xx
 with OpenAI's body: {"error": {"message", "type", "param", "code"}}.
@@ -112,7 +112,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     logprobs: int | None = None  # score prompt + completion, with this many alternatives; None: do not score
     new_ids: list[int] = field(default_factory=list)  # set by the worker: the completion's tokens (its text's)
-    scores: Any = None  # set by the worker when logprobs is asked: nanophi.evaluate.TokenScores
+    scores: Any = None  # set by the worker when logprobs is asked: nanophi.scoring.TokenScores
 
 
 class Batcher:
@@ -221,7 +221,7 @@ class Batcher:
         for job, new, text in zip(batch, ids, texts):
             job.new_ids = _tokens_of(self.engine.tokenizer, new, text)
         if scored:
-            from nanophi.evaluate import score_tokens
+            from nanophi.scoring import score_tokens
 
             rows = [j.prompt_ids + j.new_ids for j in scored]
             k = max(max(j.logprobs for j in scored), 1)  # the top 1 tells whether each token was the greedy one
@@ -386,7 +386,7 @@ def _prompts(prompt: Any, max_prompts: int) -> list[str | list[int]]:
 
 
 def _render_chat(messages: Any, tokenizer: Any) -> str:
-    from nanophi.chat import apply_chat_template
+    from nanophi.chat_template import apply_chat_template
 
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")

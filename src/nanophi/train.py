@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from nanophi import checkpoint, distributed
-from nanophi.callbacks import Callback, build_callbacks
+from nanophi.callbacks import Callback, ConsoleLog, MetricsFile
 from nanophi.config import DataConfig, RunConfig, TrainConfig, add_dataclass_arguments, load_toml, resolve
 from nanophi.dataloader import BatchLoader, eval_batches
 from nanophi.device import autocast, pick_device, pick_dtype
@@ -43,6 +44,36 @@ RESUMABLE_MODEL_FIELDS = {"dropout"}
 
 class TrainingDiverged(UserError):
     """The loss or a gradient went non-finite; the message names where and the last good checkpoint."""
+
+
+def build_callbacks(trainer: Trainer) -> list[Callback]:
+    """The callbacks a run's config asks for, in the order nanophi.callbacks' contract needs (diagnostics before
+    the sinks that write their keys). Here, not in callbacks.py: the debug tools subclass Callback, so callbacks.py
+    importing them would make a cycle."""
+    tc = trainer.cfg.train
+    run_dir = trainer.run_dir
+    cbs: list[Callback] = []
+    if tc.debug_interval > 0:
+        from nanophi.debug.diagnostics import HealthMonitor
+
+        cbs.append(HealthMonitor(tc.debug_interval))
+    cbs.append(MetricsFile(run_dir / "metrics.jsonl"))
+    if tc.tensorboard:
+        from nanophi.debug.sinks import TensorBoardSink
+
+        cbs.append(TensorBoardSink(run_dir / "tensorboard"))
+    if tc.wandb:
+        from nanophi.debug.sinks import WandbSink
+
+        cbs.append(WandbSink(run_dir, trainer.cfg.to_dict()))
+    want_dashboard = tc.dashboard == "on" or (tc.dashboard == "auto" and sys.stdout.isatty())
+    if want_dashboard:
+        from nanophi.debug.dashboard import Dashboard
+
+        cbs.append(Dashboard())
+    else:
+        cbs.append(ConsoleLog())
+    return cbs
 
 
 class Trainer:

@@ -134,7 +134,7 @@ class LocalTeacher:
 
     def render(self, prompt: str) -> str:
         """A user message as the model's chat template renders it (plain "user: ..." when it has none)."""
-        from nanophi.chat import apply_chat_template
+        from nanophi.chat_template import apply_chat_template
 
         messages = ([{"role": "system", "content": self.system}] if self.system else [])
         return apply_chat_template(self.engine.tokenizer, messages + [{"role": "user", "content": prompt}],
