@@ -39,7 +39,7 @@ run-demo:
 	$(PY) -m nanophi.cli sample $(RUN) --prompt "The " --max-new-tokens 300 --temperature 0.8 --top-k 40 --seed 1
 	$(PY) -m nanophi.cli eval $(RUN)
 
-## make test: the whole CPU suite, slow tests included (about 4 minutes on 2 quiet CPU cores); CI runs exactly this.
+## make test: the whole CPU suite, slow tests included (about 9.5 minutes on 2 loaded CPU cores); CI runs exactly this.
 ## make test-fast skips the tests marked slow (SmolLM2 parity, DDP resume, FSDP, ...) while you iterate.
 test: install
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
