@@ -174,6 +174,30 @@ def test_check_all_parses_runs_and_passes() -> None:
     assert summarise_checks(rows) == {"n": 4, "passed": 1, "pass@1": 0.25, "parse_rate": 0.5, "run_rate": 0.5}
 
 
+def test_sampled_pass_at_k_is_seeded_and_takes_the_engine_settings(tmp_path: Path) -> None:
+    """The one pass@k sampler (the students' arms and the teacher fine-tune both use it): n samples per problem,
+    several problems per batch, int8 decoding and top-p passed to the engine, the same samples on a rerun."""
+    from nanophi.humaneval import load_problems
+    from nanophi.model import GPT, GPTConfig
+    from nanophi.textbook.experiment_eval import sampled_pass_at_k
+    from nanophi.tokenizer import BPETokenizer
+
+    problems = load_problems()[:2]
+    tok = BPETokenizer.train([p["prompt"] for p in problems], vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=512)).eval()
+    runs = []
+    for name in ("a.jsonl", "b.jsonl"):
+        res = sampled_pass_at_k(model, tok, problems, 6, n=3, seed=7, top_p=0.95, quantize="int8",
+                                problems_per_batch=2, samples_path=tmp_path / name)
+        runs.append([json.loads(line) for line in (tmp_path / name).read_text().splitlines()])
+        assert res["n"] == 3 and res["top_p"] == 0.95 and len(res["solved"]) == 2
+        assert res["pass@1"] == 0.0 and "pass@10" not in res  # an untrained model; k > n is not reported
+    assert len(runs[0]) == 6 and [r["sample_idx"] for r in runs[0]] == [0, 1, 2, 0, 1, 2]
+    assert [r["task_id"] for r in runs[0]] == [problems[0]["task_id"]] * 3 + [problems[1]["task_id"]] * 3
+    assert runs[0] == runs[1]
+
+
 def test_textbook_mix_upsamples_to_the_share() -> None:
     code = [{"id": f"c{i}", "text": "x" * 100} for i in range(10)]
     books = [{"id": "t", "text": "y" * 50}]

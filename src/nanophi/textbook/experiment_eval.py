@@ -117,7 +117,8 @@ def code_bpb(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int =
 
 def sampled_pass_at_k(model: Any, tokenizer: Any, problems: Sequence[dict[str, str]], max_new_tokens: int, *,
                       n: int, seed: int, temperature: float = SAMPLE_TEMPERATURE, ks: Sequence[int] = PASS_KS,
-                      samples_path: Path | None = None, problems_per_batch: int = 1) -> dict[str, Any]:
+                      samples_path: Path | None = None, problems_per_batch: int = 1, top_p: float | None = None,
+                      quantize: str | None = None) -> dict[str, Any]:
     """n completions per problem at `temperature`, generated as one batch per problem (the n rows share the
     prompt; `problems_per_batch` > 1 packs several problems into one batch, which a GPU runs in about the time of
     one, a CPU barely faster), checked in the sandbox, scored with the unbiased estimator. Returns pass@k for each
@@ -125,13 +126,13 @@ def sampled_pass_at_k(model: Any, tokenizer: Any, problems: Sequence[dict[str, s
     tests compare)."""
     from nanophi.generate import Engine, Sampling
 
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, quantize=quantize)
     completions: list[str] = []
     for start in range(0, len(problems), problems_per_batch):
         group = problems[start:start + problems_per_batch]
         # Sample j of problem i is seeded by (seed, i, j) alone: every arm draws a problem's samples from the same
         # streams, whatever the batching.
-        rows = [Sampling(temperature, None, None, seed + (start + g) * n + j, 1.0)
+        rows = [Sampling(temperature, None, top_p, seed + (start + g) * n + j, 1.0)
                 for g in range(len(group)) for j in range(n)]
         texts = engine.generate([p["prompt"] for p in group for _ in range(n)], max_new_tokens, stop=STOP_SEQUENCES,
                                 sampling=rows)
@@ -143,7 +144,7 @@ def sampled_pass_at_k(model: Any, tokenizer: Any, problems: Sequence[dict[str, s
         with samples_path.open("w", encoding="utf-8") as f:
             for j, r in enumerate(rows):
                 f.write(json.dumps({**r, "sample_idx": j % n}) + "\n")
-    out: dict[str, Any] = {"n": n, "temperature": temperature, "solved": solved,
+    out: dict[str, Any] = {"n": n, "temperature": temperature, "top_p": top_p, "solved": solved,
                            "parse_rate": sum(r["parses"] for r in rows) / len(rows) if rows else float("nan")}
     for k in ks:
         if k <= n:

@@ -166,56 +166,6 @@ SAMPLE_TOP_P = 0.95
 GEN_BATCH = 16
 
 
-def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[str], n: int, max_new_tokens: int,
-                       seed: int, quantize: str | None = None, batch_size: int = GEN_BATCH) -> list[list[str]]:
-    """n sampled completions per prompt (T=0.8, top-p 0.95), cut at HumanEval's stop sequences. Sample j of
-    prompt i has seed `seed + i * n + j` whatever the batching, so a rerun draws the same samples."""
-    from nanophi.generate import Engine, Sampling
-    from nanophi.humaneval import STOP_SEQUENCES, truncate_completion
-
-    engine = Engine(model, tokenizer, quantize=quantize)
-    rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
-    out: list[list[str]] = [[] for _ in prompts]
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        texts = engine.generate([prompts[i] for i, _ in chunk], max_new_tokens, stop=STOP_SEQUENCES,
-                                sampling=[Sampling(SAMPLE_TEMPERATURE, None, SAMPLE_TOP_P, seed + i * n + j, 1.0)
-                                          for i, j in chunk])
-        for (i, _), t in zip(chunk, texts):
-            out[i].append(truncate_completion(t))
-    return out
-
-
-def pass_at_k_report(problems: Sequence[dict[str, str]], samples: Sequence[Sequence[str]],
-                     ks: Sequence[int] = (1, 10)) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Check every sample in the sandbox; the unbiased pass@k (mean over problems) and one row per sample."""
-    from nanophi.humaneval import pass_at_k
-    from nanophi.textbook.experiment_eval import check_all
-
-    flat_p = [p for p, s in zip(problems, samples) for _ in s]
-    rows = check_all(flat_p, [c for s in samples for c in s])
-    correct: dict[str, int] = {}
-    for r in rows:
-        correct[r["task_id"]] = correct.get(r["task_id"], 0) + int(r["passed"])
-    n = len(samples[0]) if samples else 0
-    summary: dict[str, Any] = {"problems": len(problems), "samples_per_problem": n,
-                               "temperature": SAMPLE_TEMPERATURE, "top_p": SAMPLE_TOP_P,
-                               "problems_solved": sum(c > 0 for c in correct.values())}
-    for k in ks:
-        if k <= n:
-            summary[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct.values()) / max(1, len(correct))
-    return summary, rows
-
-
-def _write_rows(path: Any, rows: Sequence[dict[str, Any]]) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
 def run_teacher_finetune(out_dir: Any, exercises_cache: Any, *, ref: str = TEACHER_REF, steps: int = 150,
                          batch_size: int = 8, lr: float = 5e-5, block: int = 384, eval_every: int = 10,
                          patience: int = 3, pass_k_samples: int = 10, pass_k_problems: int | None = None,
@@ -230,7 +180,7 @@ def run_teacher_finetune(out_dir: Any, exercises_cache: Any, *, ref: str = TEACH
 
     from nanophi.humaneval import load_problems
     from nanophi.refs import load_model
-    from nanophi.textbook.experiment_eval import pass_at_1
+    from nanophi.textbook.experiment_eval import pass_at_1, sampled_pass_at_k
     from nanophi.textbook.experiment_exercises import exercise_set
 
     out = Path(out_dir)
@@ -275,11 +225,10 @@ def run_teacher_finetune(out_dir: Any, exercises_cache: Any, *, ref: str = TEACH
     if pass_k_samples > 0:
         t0 = time.perf_counter()
         subset = problems[:pass_k_problems]
-        samples = sample_completions(model, tokenizer, [p["prompt"] for p in subset], pass_k_samples,
-                                     max_new_tokens, seed, quantize)
-        summary, rows = pass_at_k_report(subset, samples)
-        _write_rows(out / f"after_humaneval_samples_t{SAMPLE_TEMPERATURE}.jsonl", rows)
-        result["after"]["humaneval_sampled"] = summary
+        result["after"]["humaneval_sampled"] = sampled_pass_at_k(
+            model, tokenizer, subset, max_new_tokens, n=pass_k_samples, seed=seed, temperature=SAMPLE_TEMPERATURE,
+            top_p=SAMPLE_TOP_P, quantize=quantize, problems_per_batch=max(1, GEN_BATCH // pass_k_samples),
+            samples_path=out / f"after_humaneval_samples_t{SAMPLE_TEMPERATURE}.jsonl")
         result["timings"]["after_pass_k_s"] = round(time.perf_counter() - t0, 1)
     result["timings"]["total_s"] = round(time.perf_counter() - t_start, 1)
     save()
