@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanophi.errors import UserError
 from nanophi.textbook.experiment import ARMS, PRESETS, run_experiment, teacher_experiment
 from nanophi.textbook.experiment_data import (Exercise, load_data, parse_exercise, textbook_mix, verify_exercises)
 from nanophi.textbook.experiment_finetune import IGNORE, encode_examples, finetune_masked, make_batch
@@ -426,3 +427,34 @@ def test_committed_report_and_doc_are_generated_from_results() -> None:
     doc = (root / "docs" / "case_study.md").read_text(encoding="utf-8")
     section = doc[doc.index(DOC_BEGIN):doc.index(DOC_END) + len(DOC_END)]
     assert section == case_study_section(results)
+
+
+def test_a_given_exercise_split_replaces_the_coin(tmp_path: Path) -> None:
+    """The mined exercise set brings its own 100 held-out problems: load_data hands the teacher's verified
+    exercises to the split function and trains and tests on what it returns (decontaminated as before)."""
+    data_dir = make_data_dir(tmp_path / "data")
+    seen: list[list[Exercise]] = []
+    mined = parse_exercise({"id": "mined-1", "source": "doctest:x", "text": (
+        "```python\ndef triple(x):\n    \"\"\"Three times x.\"\"\"\n    return 3 * x\n\n\nassert triple(2) == 6\n```")})
+    assert mined is not None
+
+    def split(teacher: list[Exercise]) -> tuple[list[Exercise], list[Exercise]]:
+        seen.append(teacher)
+        return teacher, [mined]
+    data = load_data(data_dir, seed=0, heldout_code_fraction=0.15, heldout_exercise_fraction=0.25, tau=0.9,
+                     exercise_split=split)
+    assert len(seen) == 1 and seen[0] and data.heldout_exercises == [mined]
+    assert {e.id for e in data.train_exercises} <= {e.id for e in seen[0]}
+    assert data.stats["exercises"]["split"] == "exercise_set" and data.stats["n_heldout_exercises"] == 1
+
+
+def test_a_separate_teacher_run_is_reported_with_its_sampled_pass_at_10() -> None:
+    """`--teacher-result`: the committed Jina's-experiment run, read as the report reads its own."""
+    from nanophi.textbook.experiment_report import _teacher_rows
+
+    path = Path(__file__).parents[1] / "artifacts" / "teacher" / "full" / "metrics.json"
+    rows = "\n".join(_teacher_rows({**json.loads(path.read_text()), "source": str(path)}))
+    assert "| before | 0/164" in rows and "| after | 3/164" in rows and "pass@10 5.0 %" in rows
+    assert "artifacts/teacher/full" in rows and "best loss" in rows
+    with pytest.raises(UserError, match="--teacher-result"):
+        run_experiment("test", "/nonexistent/out", teacher=None, teacher_result="/nonexistent/metrics.json")

@@ -89,6 +89,9 @@ class Preset:
     teacher_block: int  # fine-tune sequence cap for the teacher (its context is 2048; a CPU wants less)
     data: DataSpec = field(default_factory=DataSpec)
     stdlib_exercises: bool = True  # add the stdlib's doctest exercises to the teacher's (experiment_exercises)
+    # Train and test on the mined exercise set instead (experiment_exercises.exercise_set: doctest exercises from
+    # the stdlib and site-packages, 100 held out), the teacher's verified ones joining it; supersedes the above.
+    mined_exercises: bool = False
     filter_keep: float | None = 0.3  # arm B: the top share of the pool by the filter's score (see load_data)
     textbook_share: float = 0.2  # target share of textbook characters in B+C (see textbook_mix)
     max_textbook_repeats: int = 8
@@ -139,7 +142,8 @@ PRESETS: dict[str, Preset] = {
                     max_new_tokens=64, humaneval_limit=None, teacher_ft_steps=48, teacher_ft_batch=4,
                     teacher_ft_lr=5e-5, teacher_limit=None, teacher_max_new_tokens=160, teacher_block=384,
                     data=DataSpec(pool_docs=6000, labels=1000, textbooks=120, exercises=96,
-                                  textbook_tokens=448, exercise_tokens=256)),
+                                  textbook_tokens=448, exercise_tokens=256),
+                    stdlib_exercises=False, mined_exercises=True),
     # Sized for <= 10 minutes on one H100-class GPU, pipeline and teacher included; not run here (no GPU was lent).
     # What it trains: 2 seeds x 4 pretrained arms of ~14M-parameter students (6 layers x 384, an 8192-token BPE,
     # context 512) on 16.4M tokens each (1000 steps x 32 x 512), two fine-tuned arms, 20 samples per problem on
@@ -151,7 +155,8 @@ PRESETS: dict[str, Preset] = {
                    teacher_ft_lr=5e-5, teacher_limit=None, teacher_max_new_tokens=384, teacher_block=1024,
                    data=DataSpec(pool_docs=20000, labels=3000, textbooks=400, exercises=800,
                                  textbook_tokens=512, exercise_tokens=320, teacher_batch=64),
-                   samples=20, sample_problems_per_batch=16, device="auto"),
+                   samples=20, sample_problems_per_batch=16, device="auto", stdlib_exercises=False,
+                   mined_exercises=True),
 }
 
 
@@ -229,11 +234,14 @@ def _load_student(run_dir: Path, device: str) -> Any:
 # ---------------------------------------------------------------------------------------------- the run
 
 def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Path | None = None,
-                   teacher: str | None = DEFAULT_TEACHER, seeds: int | None = None) -> dict[str, Any]:
+                   teacher: str | None = DEFAULT_TEACHER, seeds: int | None = None,
+                   teacher_result: str | Path | None = None) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the results (also written to OUT/results.json).
 
     `teacher`: the model that writes the data when `data_dir` is None, and the one Jina's experiment
-    fine-tunes; None skips the teacher experiment (then `data_dir` is required)."""
+    fine-tunes; None skips the teacher experiment (then `data_dir` is required). `teacher_result`: the
+    metrics.json of a separate Jina's-experiment run (`python -m nanophi.textbook.experiment_finetune`, on the
+    same mined exercise set) reported in place of running the fine-tune here, which is hours on a CPU."""
     from nanophi.textbook.experiment_eval import measure
     from nanophi.textbook.experiment_finetune import encode_examples, finetune_masked
     from nanophi.textbook.experiment_report import aggregate, write_report
@@ -247,6 +255,9 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
         if seeds < 1:
             raise UserError(f"--seeds must be >= 1, got {seeds}")
         preset = dataclasses.replace(preset, seeds=seeds)
+    if teacher_result is not None and not Path(teacher_result).is_file():
+        raise UserError(f"--teacher-result {teacher_result} is not a file; give the metrics.json written by "
+                        "`python -m nanophi.textbook.experiment_finetune OUT CACHE`")
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder; run `nanophi textbook run --out DIR` first, or leave "
                         "out --data-dir to build the data here")
@@ -263,11 +274,22 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
         data_dir = build_data_dir(out / "data", preset.data, teacher_ref=teacher, seed=SPLIT_SEED,
                                   device=_teacher_device(preset))
     extra: list[Any] = []
-    if preset.stdlib_exercises:
+    if preset.stdlib_exercises and not preset.mined_exercises:
         extra = _stdlib_exercises(out / "stdlib_exercises.jsonl")
+    split = None
+    exercise_counts: dict[str, Any] | None = None
+    if preset.mined_exercises:
+        from nanophi.textbook.experiment_exercises import exercise_set
+
+        def split(teacher_exercises: list[Any]) -> tuple[list[Any], list[Any]]:
+            nonlocal exercise_counts
+            train_ex, held_ex, exercise_counts = exercise_set(out / "exercises.jsonl", extra=teacher_exercises)
+            return train_ex, held_ex
     data = load_data(Path(data_dir), seed=SPLIT_SEED, extra_exercises=extra, tau=preset.tau,
                      heldout_code_fraction=preset.heldout_code_fraction, filter_keep=preset.filter_keep,
-                     heldout_exercise_fraction=preset.heldout_exercise_fraction)
+                     heldout_exercise_fraction=preset.heldout_exercise_fraction, exercise_split=split)
+    if exercise_counts is not None:
+        data.stats["exercise_set"] = exercise_counts
     timings["data_s"] = round(time.perf_counter() - t0, 1)
     log.info("experiment: %s", json.dumps({k: v for k, v in data.stats.items() if k.startswith("n_")}))
 
@@ -327,11 +349,13 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
     timings["students_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    teacher_result: dict[str, Any]
-    if teacher is None:
-        teacher_result = {"skipped": "no teacher given"}
+    teacher_ft: dict[str, Any]
+    if teacher_result is not None:
+        teacher_ft = {**json.loads(Path(teacher_result).read_text()), "source": str(teacher_result)}
+    elif teacher is None:
+        teacher_ft = {"skipped": "no teacher given"}
     else:
-        teacher_result = teacher_experiment(teacher, data, preset, out / "teacher")
+        teacher_ft = teacher_experiment(teacher, data, preset, out / "teacher")
     timings["teacher_s"] = round(time.perf_counter() - t0, 1)
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
     machine = {"cpus": os.cpu_count(), "load_avg_5min_start": round(load_start, 2),
@@ -341,7 +365,7 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
         "preset": name, "config": dataclasses.asdict(preset), "teacher": teacher,
         "arms": {arm: {**aggregate(rows), "data": _arm_data(arm, prepared, rows, ft_examples)}
                  for arm, rows in per_arm.items()},
-        "teacher_finetune": teacher_result,
+        "teacher_finetune": teacher_ft,
         "data": {**data.stats, "textbook_repeats": mix["repeats"], "arm_chars": mix["chars"],
                  "tokenizer_vocab": tokenizer.vocab_size,
                  "arm_tokens": {arm: int(p.meta["train_tokens"]) for arm, p in prepared.items()}},
@@ -489,11 +513,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model that writes the data and is fine-tuned in Jina's experiment (default "
                              f"{DEFAULT_TEACHER}); 'none' skips the teacher experiment")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
+    parser.add_argument("--teacher-result", default=None, metavar="METRICS_JSON",
+                        help="report this Jina's-experiment run (metrics.json of `python -m "
+                             "nanophi.textbook.experiment_finetune`) instead of fine-tuning the teacher here")
 
 
 def run(args: argparse.Namespace) -> int:
     teacher = None if str(args.teacher).lower() == "none" else args.teacher
-    results = run_experiment(args.preset, args.out, data_dir=args.data_dir, teacher=teacher, seeds=args.seeds)
+    results = run_experiment(args.preset, args.out, data_dir=args.data_dir, teacher=teacher, seeds=args.seeds,
+                             teacher_result=args.teacher_result)
     from nanophi.textbook.experiment_report import summary_table
 
     print(summary_table(results))

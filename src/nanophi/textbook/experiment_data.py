@@ -27,7 +27,7 @@ import logging
 import random
 import textwrap
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,13 +192,17 @@ def _held_out(record_id: str, seed: int, fraction: float) -> bool:
 
 def load_data(data_dir: Path, *, seed: int, heldout_code_fraction: float, heldout_exercise_fraction: float,
               tau: float, filter_keep: float | None = None, max_pool_chars: int | None = None,
-              extra_exercises: Sequence[Exercise] = ()) -> ExperimentData:
+              extra_exercises: Sequence[Exercise] = (),
+              exercise_split: Callable[[list[Exercise]], tuple[list[Exercise], list[Exercise]]] | None = None
+              ) -> ExperimentData:
     """Read a pipeline data directory, split off the held-out sets, decontaminate, and parse the exercises.
 
     `filter_keep`: keep this top share of the pool by the filter's P(educational) (from `filtered.scores.jsonl`)
     as arm B, instead of the filter's own threshold. A rubric that calls most of the stdlib educational makes a
     B that is nearly A; phi-1 kept ~6B of ~35B tokens (about 17 %). `extra_exercises` (already verified) join
-    the data directory's before the split."""
+    the data directory's before the split. `exercise_split(verified)` -> (train, held out), when given, replaces
+    the per-record coin: the mined exercise set (`experiment_exercises.exercise_set`) brings its own split of
+    100 held-out problems, and the teacher's verified exercises join it there."""
     data_dir = Path(data_dir)
     pool = list(read_jsonl(find_file(data_dir, "pool")))
     filtered_path = find_file(data_dir, "filtered")
@@ -231,15 +235,20 @@ def load_data(data_dir: Path, *, seed: int, heldout_code_fraction: float, heldou
         stats["exercises"] = {"generated": len(raw), "parsed": len(candidates), "verified_here": len(parsed)}
     stats["exercises"]["extra"] = len(extra_exercises)
     parsed = list({e.id: e for e in [*parsed, *extra_exercises]}.values())
-    if len(parsed) < 2:
-        raise UserError(f"{data_dir}: {len(parsed)} usable verified exercises; at least 2 are needed (one to train, "
-                        "one held out); generate more exercises")
-
-    heldout_ex = [e for e in parsed if _held_out(e.id, seed, heldout_exercise_fraction)]
-    if not heldout_ex:  # a tiny set can miss the coin entirely; hold out one anyway
-        heldout_ex = [parsed[0]]
-    held_ids = {e.id for e in heldout_ex}
-    train_ex = [e for e in parsed if e.id not in held_ids]
+    if exercise_split is not None:
+        train_ex, heldout_ex = exercise_split(parsed)
+        stats["exercises"]["split"] = "exercise_set"
+    else:
+        if len(parsed) < 2:
+            raise UserError(f"{data_dir}: {len(parsed)} usable verified exercises; at least 2 are needed (one to "
+                            "train, one held out); generate more exercises")
+        heldout_ex = [e for e in parsed if _held_out(e.id, seed, heldout_exercise_fraction)]
+        if not heldout_ex:  # a tiny set can miss the coin entirely; hold out one anyway
+            heldout_ex = [parsed[0]]
+        held_ids = {e.id for e in heldout_ex}
+        train_ex = [e for e in parsed if e.id not in held_ids]
+    if not heldout_ex:
+        raise UserError(f"{data_dir}: no held-out exercises; generate more exercises")
 
     heldout_docs = [r for r in pool if _held_out(r["id"], seed, heldout_code_fraction)]
     held_code_ids = {r["id"] for r in heldout_docs}

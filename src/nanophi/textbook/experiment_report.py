@@ -324,10 +324,22 @@ def _teacher_rows(t: dict[str, Any]) -> list[str]:
         rows.append(f"| {when} | {he['passed']}/{he['n']} ({_pct(he['pass@1'])} %) | {_pct(lo)}–{_pct(hi)} % | "
                     f"{ho['passed']}/{ho['n']} | {_pct(he['parse_rate'])} | {_pct(he['run_rate'])} |")
     ft = t["finetune"]
+    problems = t.get("problems", t["before"]["humaneval"]["n"])
     rows += ["", f"Fine-tune: {ft['steps']} steps × {ft['batch_size']} exercises, lr {ft['lr']:g}, "
                  f"{ft['tokens']:,} tokens ({ft['scored_tokens']:,} scored: the solutions), loss "
                  f"{ft['first_loss']:.3f} → {ft['last_loss']:.3f}, {ft['seconds']:.0f} s. Greedy, completion mode, "
-                 f"{t['max_new_tokens']} new tokens, first {t['problems']} HumanEval problems."]
+                 f"{t['max_new_tokens']} new tokens, first {problems} HumanEval problems."]
+    if "best_val_loss" in ft:
+        rows[-1] += (f" Validation on {ft['val_examples']} exercises: best loss {ft['best_val_loss']:.3f} at step "
+                     f"{ft['best_step']}{' (stopped early)' if ft.get('stopped_early') else ''}.")
+    sampled = t["after"].get("humaneval_sampled")
+    if sampled:
+        rows[-1] += (f" Sampled after ({sampled['samples_per_problem']} per problem at T {sampled['temperature']}, "
+                     f"first {sampled['problems']} problems): pass@1 {_pct(sampled['pass@1'])} %, pass@10 "
+                     f"{_pct(sampled['pass@10'])} %.")
+    if t.get("source"):
+        rows[-1] += (f" Run separately (`python -m nanophi.textbook.experiment_finetune`); its metrics and every "
+                     f"completion with its verdict: `{Path(t['source']).parent}`.")
     return rows
 
 
