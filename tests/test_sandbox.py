@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 
 from nanophi import sandbox
+from nanophi.sandbox import processes, runner
+from nanophi.sandbox.cli import EXIT_TIMEOUT
 from nanophi.cli import main
 from nanophi.sandbox import SANDBOX_ID_VAR, SANDBOX_UID_BASE, SANDBOX_UID_SPAN, run_program
 
 HOSTILE_TIMEOUT_S = 2.0  # room for a slow interpreter start on a loaded 2-core machine
 HOSTILE_MEMORY_MB = 256
-SRC_DIR = Path(sandbox.__file__).resolve().parents[1]
+SRC_DIR = Path(sandbox.__file__).resolve().parents[2]  # src/, which holds nanophi/
 
 DAEMON = """
 import os, sys, time
@@ -149,8 +151,8 @@ def test_hostile_program(name: str, bystander: subprocess.Popen) -> None:
 @pytest.mark.parametrize("name", PLAIN_SUBSET)
 def test_hostile_program_without_namespaces(name: str, bystander: subprocess.Popen) -> None:
     code, expected = HOSTILE[name]
-    result = sandbox._execute(code, mode=sandbox._mode("plain"), timeout=HOSTILE_TIMEOUT_S,
-                              memory_mb=HOSTILE_MEMORY_MB, max_output=sandbox.DEFAULT_MAX_OUTPUT, files=None)
+    result = runner.execute(code, mode=runner.mode_named("plain"), timeout=HOSTILE_TIMEOUT_S,
+                            memory_mb=HOSTILE_MEMORY_MB, max_output=sandbox.DEFAULT_MAX_OUTPUT, files=None)
     check_hostile(result, expected, bystander)
     assert "pid-namespace" not in result.protections
 
@@ -245,7 +247,7 @@ def test_unprivileged_user_view() -> None:
     """As a non-root user the sandbox still isolates (user namespaces) and the caller still survives."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None or not os.access("/usr/bin/python3", os.X_OK):
         pytest.skip("needs root, setpriv and /usr/bin/python3 to impersonate a user")
-    if not sandbox._searchable(SRC_DIR):
+    if not runner.searchable(SRC_DIR):
         pytest.skip("the source tree is not readable by other users")
     uid = 1_400_000_000 + secrets.randbelow(1_000_000)
     as_user = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups"]
@@ -294,14 +296,14 @@ def test_cli_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ("raise SystemExit(3)\n", 3),
     ("raise ValueError('boom')\n", 1),
     ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n", 128 + 11),
-    ("import time\ntime.sleep(60)\n", sandbox.EXIT_TIMEOUT),
+    ("import time\ntime.sleep(60)\n", EXIT_TIMEOUT),
 ])
 def test_cli_run_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str], code: str, expected: int) -> None:
     """The exit status says how the program ended (documented in `sandbox run --help`); the JSON stays."""
     program = tmp_path / "p.py"
     program.write_text(code)
     assert main(["sandbox", "run", str(program), "--json", "--timeout", "1.5"]) == expected
-    assert json.loads(capsys.readouterr().out)["status"] == {0: "passed", sandbox.EXIT_TIMEOUT: "timeout"}.get(
+    assert json.loads(capsys.readouterr().out)["status"] == {0: "passed", EXIT_TIMEOUT: "timeout"}.get(
         expected, "failed")
 
 
@@ -337,10 +339,10 @@ def test_cli_run_on_a_directory(tmp_path: Path) -> None:
 OWNER = """
 import sys, time
 sys.path.insert(0, {src!r})
-from nanophi import sandbox
-mode = sandbox._active_mode() if {mode!r} == "active" else sandbox._mode("plain")
+from nanophi.sandbox import runner
+mode = runner.active_mode() if {mode!r} == "active" else runner.mode_named("plain")
 program = "import os, time\\nif os.fork() == 0:\\n    os.setsid()\\ntime.sleep(1000)\\n"
-sandbox._execute(program, mode=mode, timeout=60, memory_mb=256, max_output=1000, files=None)
+runner.execute(program, mode=mode, timeout=60, memory_mb=256, max_output=1000, files=None)
 """
 
 
@@ -351,7 +353,7 @@ def _left_by(pid: int) -> tuple[list[str], list[str], list[int]]:
     cgroups = [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{prefix}*")] + [
         str(p) for p in Path("/sys/fs/cgroup").glob(f"{prefix}*")]
     ids = {Path(name).name[len(prefix):].split(".")[1].split("-")[0] for name in dirs + cgroups}
-    procs = [p for i in ids for p in sandbox._processes_with_marker(i)]
+    procs = [p for i in ids for p in processes.processes_with_marker(i)]
     return dirs, cgroups, procs
 
 
@@ -383,8 +385,8 @@ def test_sigkill_of_the_caller_leaves_nothing(mode: str) -> None:
 
 def test_reap_stale_spares_live_owners(tmp_path: Path) -> None:
     """A work dir of a live process (this one), or of one whose pid was reused, is judged by the start time."""
-    mine = Path(tempfile.mkdtemp(prefix=f"{sandbox.SANDBOX_PREFIX}{sandbox._owner_tag()}.{'0' * 16}-"))
-    pid, start = sandbox._owner_tag().split(".")
+    mine = Path(tempfile.mkdtemp(prefix=f"{sandbox.SANDBOX_PREFIX}{processes.owner_tag()}.{'0' * 16}-"))
+    pid, start = processes.owner_tag().split(".")
     reused = Path(tempfile.mkdtemp(prefix=f"{sandbox.SANDBOX_PREFIX}{pid}.{int(start) + 1}.{'1' * 16}-"))
     other = Path(tempfile.mkdtemp(prefix="nanophi-sandbox-notarun-"))  # not our naming: never touched
     try:

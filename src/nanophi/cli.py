@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "overfit": ("nanophi.debug.sanity", "overfit one batch and give a verdict"),
     "lr-find": ("nanophi.debug.lr_find", "learning-rate range test with a plot and a suggestion"),
     "bench": ("nanophi.bench", "benchmarks that print numbers: train, prepare, generate"),
-    "sandbox": ("nanophi.sandbox", "run untrusted Python in a sandbox"),
+    "sandbox": ("nanophi.sandbox.cli", "run untrusted Python in a sandbox"),
     "humaneval": ("nanophi.humaneval", "generate and score HumanEval completions"),
     "textbook": ("nanophi.textbook.cli", "the textbook-quality data pipeline (phi-1)"),
     "parity": ("nanophi.ports.parity", "check the JAX/Keras ports against PyTorch on a run's weights"),
