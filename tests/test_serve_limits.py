@@ -317,7 +317,7 @@ def test_serve_flags_are_checked_before_the_model_loads(tmp_path: Path, capsys: 
 
 def test_only_loopback_hosts_count_as_private() -> None:
     """`nanophi serve --host H` without a key warns unless H is loopback (the warning itself is one log line)."""
-    from nanophi.serve import is_loopback
+    from nanophi.serve.cli import is_loopback
 
     assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.com"]))

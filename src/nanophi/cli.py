@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nanophi.evaluate", "loss and bits per byte of a model on a full data split"),
     "sample": ("nanophi.generate", "generate text from a model"),
     "chat": ("nanophi.chat", "chat with a model in the terminal"),
-    "serve": ("nanophi.serve", "serve a model over an OpenAI-compatible HTTP API"),
+    "serve": ("nanophi.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),
     "export": ("nanophi.export", "export a model to Hugging Face or GGUF format"),
     "report": ("nanophi.debug.report", "write RUN/report.html with the run's plots"),
     "overfit": ("nanophi.debug.sanity", "overfit one batch and give a verdict"),
