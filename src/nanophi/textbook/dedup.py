@@ -11,6 +11,9 @@ Duplicates waste training compute and make the model memorise (Lee et al. 2022);
    5-grams instead.
 
 Every removal goes to `OUT.removed.jsonl` with its reason, the id it duplicates and the estimated Jaccard.
+
+`--tasks N` runs the same decisions on datatrove's MinHash pipeline, with the signatures on disk rather than in
+memory (`nanophi.textbook.dedup_scale`): the same kept ids and removals, in shards OUT/00000.jsonl...
 """
 
 from __future__ import annotations
@@ -121,9 +124,25 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (more: finer estimate)")
     parser.add_argument("--ngram", type=int, default=5, help="words per shingle")
     parser.add_argument("--seed", type=int, default=1, help="seed of the MinHash permutations")
+    from nanophi.textbook.scale import add_scale_arguments
+
+    add_scale_arguments(parser)
 
 
 def run_dedup(args: argparse.Namespace) -> int:
+    if getattr(args, "tasks", 1) > 1:
+        from nanophi.textbook.dedup_scale import dedup_sharded
+        from nanophi.textbook.scale import executor_from_args, submitted_message
+
+        stats = dedup_sharded(args.input, args.out, tasks=args.tasks, workers=args.workers,
+                              threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram, seed=args.seed,
+                              executor=executor_from_args(args))
+        if (line := submitted_message(stats, args.out)) is not None:
+            print(line)
+            return 0
+        print(f"dedup: kept {stats['n_out']}/{stats['n_in']} -> {args.out}/ ({args.tasks} shards; "
+              f"{stats['removed_exact']} exact, {stats['removed_near']} near duplicates removed)")
+        return 0
     stats = dedup(args.input, args.out, threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram,
                   seed=args.seed)
     print(f"dedup: kept {stats['n_out']}/{stats['n_in']} -> {args.out} ({stats['removed_exact']} exact, "

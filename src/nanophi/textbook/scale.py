@@ -12,16 +12,25 @@ lost or written twice. Per-shard counts go to OUT/.datatrove/counts/ and are sum
 `textbook pool` reads a source rather than records: `run_source_stage` runs SourceReader (the stage's function of
 (rank, world) -> rank's contiguous part of the source, in order) -> ShardWriter, with the same shards and resume.
 
+Where the tasks run is `ExecutorOptions` (`--executor local|slurm|ray`): datatrove's LocalPipelineExecutor
+(processes on this machine), SlurmPipelineExecutor (an sbatch job array; the command returns once submitted and a
+rerun after the jobs end collects stats.json) or RayPipelineExecutor (a Ray cluster). A stage of several
+pipelines (dedup: signatures -> buckets -> clusters -> filter) chains them with datatrove's `depends`.
+
 datatrove is imported only here and only when a stage runs with --tasks > 1 (`pip install 'nanophi[data]'`).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -171,6 +180,114 @@ def _steps() -> tuple[type, type, type, type]:
     return ShardReader, RecordMap, SourceReader, ShardWriter
 
 
+EXECUTORS = ("local", "slurm", "ray")
+
+
+def _seconds(hms: str) -> int:
+    """'HH:MM:SS' (or 'MM:SS', 'SS') -> seconds."""
+    parts = hms.split(":")
+    if not 1 <= len(parts) <= 3 or not all(x.isdigit() for x in parts):
+        raise UserError(f"--time must be HH:MM:SS, got {hms!r}")
+    return sum(int(x) * 60**i for i, x in enumerate(reversed(parts)))
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """Where a stage's datatrove tasks run (`--executor`); the other fields matter on Slurm and Ray only."""
+
+    kind: str = "local"
+    """local: processes on this machine; slurm: an sbatch job array; ray: tasks on a Ray cluster."""
+    partition: str | None = None
+    """slurm: the partition to submit to (required there)."""
+    time: str = "04:00:00"
+    """slurm/ray: wall-clock limit of one task, HH:MM:SS."""
+    cpus_per_task: int = 1
+    """slurm/ray: cores each task gets."""
+    mem_per_cpu_gb: float = 2.0
+    """slurm/ray: memory per core."""
+    env_command: str | None = None
+    """slurm: the shell line that sets up Python on a node (default: activate this interpreter's venv)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise UserError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.kind!r}")
+        if self.kind == "slurm" and not self.partition:
+            raise UserError("--executor slurm needs --partition NAME (sinfo lists them)")
+        if self.cpus_per_task < 1 or not self.mem_per_cpu_gb > 0:
+            raise UserError(f"--cpus-per-task and --mem-per-cpu-gb must be positive, got {self.cpus_per_task} "
+                            f"and {self.mem_per_cpu_gb}")
+        _seconds(self.time)
+
+
+LOCAL = ExecutorOptions()
+
+
+def make_executor(opts: ExecutorOptions, pipeline: list[Any], *, tasks: int, workers: int, logging_dir: str,
+                  depends: Any = None, job_name: str = "nanophi") -> Any:
+    """The datatrove executor of `opts.kind` for `pipeline` (not run). Refuses in one line an executor this
+    machine cannot drive: no `sbatch` on PATH, or ray not installed."""
+    if opts.kind == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        # fork: the stage's functions (closures, sklearn models) reach the workers without pickling
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logging_dir,
+                                     depends=depends, start_method="fork")
+    if opts.kind == "slurm":
+        if shutil.which("sbatch") is None:
+            raise UserError("--executor slurm submits with sbatch, which is not on PATH: run on a Slurm login node")
+        from datatrove.executor import SlurmPipelineExecutor
+
+        env = opts.env_command or (f"source {sys.prefix}/bin/activate" if sys.prefix != sys.base_prefix else None)
+        return SlurmPipelineExecutor(pipeline, tasks=tasks, workers=workers, time=opts.time,
+                                     partition=opts.partition, cpus_per_task=opts.cpus_per_task,
+                                     mem_per_cpu_gb=opts.mem_per_cpu_gb, job_name=job_name,
+                                     logging_dir=logging_dir, depends=depends, env_command=env)
+    if importlib.util.find_spec("ray") is None:
+        raise UserError("--executor ray needs ray, which is not installed: pip install 'ray[default]'")
+    from datatrove.executor import RayPipelineExecutor
+
+    return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, depends=depends,
+                               cpus_per_task=opts.cpus_per_task, mem_per_cpu_gb=opts.mem_per_cpu_gb,
+                               time=_seconds(opts.time))
+
+
+def add_scale_arguments(parser: argparse.ArgumentParser, *, workers_help: str | None = None) -> None:
+    """--tasks, --workers and the executor's options, the same in every stage that runs on datatrove."""
+    parser.add_argument("--tasks", type=int, default=1,
+                        help="> 1: run as datatrove tasks into a folder of shards --out/00000.jsonl... (needs "
+                             "nanophi[data])")
+    parser.add_argument("--workers", type=int, default=1,
+                        help=workers_help or "with --tasks: tasks run at once (processes, or Slurm array tasks)")
+    add_executor_arguments(parser)
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="with --tasks: where tasks run (local processes, a Slurm job array, a Ray cluster)")
+    parser.add_argument("--partition", default=None, help="--executor slurm: the partition")
+    parser.add_argument("--time", default=ExecutorOptions.time, help="slurm/ray: time limit per task, HH:MM:SS")
+    parser.add_argument("--cpus-per-task", type=int, default=1, help="slurm/ray: cores per task")
+    parser.add_argument("--mem-per-cpu-gb", type=float, default=2.0, help="slurm/ray: memory per core (GB)")
+    parser.add_argument("--env-command", default=None,
+                        help="slurm: shell line that sets up Python on a node (default: activate this venv)")
+
+
+def executor_from_args(args: argparse.Namespace) -> ExecutorOptions:
+    return ExecutorOptions(kind=getattr(args, "executor", "local"), partition=getattr(args, "partition", None),
+                           time=getattr(args, "time", ExecutorOptions.time),
+                           cpus_per_task=getattr(args, "cpus_per_task", 1),
+                           mem_per_cpu_gb=getattr(args, "mem_per_cpu_gb", 2.0),
+                           env_command=getattr(args, "env_command", None))
+
+
+def submitted_message(stats: dict[str, Any], out: str | os.PathLike) -> str | None:
+    """The line a CLI prints instead of counts when the tasks were submitted, not run (Slurm)."""
+    if not stats.get("submitted"):
+        return None
+    return (f"{stats['stage']}: submitted to {stats['executor']} (logs in {Path(out) / WORKDIR}); rerun this "
+            "command when the jobs finish: finished tasks are skipped and OUT/stats.json is written")
+
+
 def _check(tasks: int, workers: int, out: Path) -> None:
     require_datatrove()
     if tasks < 1 or workers < 1:
@@ -179,36 +296,64 @@ def _check(tasks: int, workers: int, out: Path) -> None:
         raise UserError(f"--out {out} is a file, but --tasks {tasks} writes a folder of shards there; give a folder")
 
 
-def _execute(out: Path, pipeline: list[Any], *, tasks: int, workers: int, params: dict[str, Any]) -> Counter:
-    """Run `pipeline` as `tasks` datatrove tasks into OUT (reusing finished shards of the same `params`); returns
-    the per-shard counts summed."""
-    from datatrove.executor import LocalPipelineExecutor
-
+def prepare_workdir(out: Path, params: dict[str, Any]) -> Path:
+    """OUT/.datatrove, emptied first when it holds a run with other `params` (nothing there is reusable)."""
     work = out / WORKDIR
     prior = work / "params.json"
-    if prior.exists() and json.loads(prior.read_text()) != params:  # other settings: nothing here is reusable
+    if prior.exists() and json.loads(prior.read_text()) != params:
         shutil.rmtree(out)
     work.mkdir(parents=True, exist_ok=True)
     write_stats(prior, params)
-    LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(work),
-                          start_method="fork").run()
+    return work
+
+
+def run_chain(stages: list[tuple[str, list[Any], int, str]], *, workers: int, executor: ExecutorOptions) -> bool:
+    """Run pipelines one after another, each (name, pipeline, tasks, logging_dir) depending on the one before;
+    True when every task of the last is complete (always, unless the executor only submitted them)."""
+    last = None
+    for name, pipeline, tasks, logging_dir in stages:
+        last = make_executor(executor, pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir,
+                             depends=last, job_name=f"nanophi-{name}")
+    last.run()  # runs (or submits) its dependencies first
+    return all(last.is_rank_completed(r) for r in range(last.world_size))
+
+
+def sum_counts(folder: Path) -> Counter:
     total: Counter = Counter()
-    for path in sorted((work / "counts").glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         total.update(json.loads(path.read_text()))
     return total
 
 
+def _execute(out: Path, pipeline: list[Any], *, tasks: int, workers: int, params: dict[str, Any],
+             executor: ExecutorOptions) -> Counter | None:
+    """Run `pipeline` as `tasks` datatrove tasks into OUT (reusing finished shards of the same `params`); returns
+    the per-shard counts summed, or None when the tasks were submitted and have not all finished."""
+    work = prepare_workdir(out, params)
+    if not run_chain([("stage", pipeline, tasks, str(work))], workers=workers, executor=executor):
+        return None
+    return sum_counts(work / "counts")
+
+
+def _submitted(params: dict[str, Any], executor: ExecutorOptions) -> dict[str, Any]:
+    return {**params, "submitted": True, "executor": executor.kind, "n_in": None, "n_out": None}
+
+
 def run_map_stage(stage: str, in_path: str | os.PathLike, out: str | os.PathLike, make_mapper: Callable[[], Mapper],
-                  *, tasks: int, workers: int, params: dict[str, Any]) -> dict[str, Any]:
+                  *, tasks: int, workers: int, params: dict[str, Any], executor: ExecutorOptions = LOCAL
+                  ) -> dict[str, Any]:
     """Run `make_mapper()`'s function over every record of `in_path` in `tasks` datatrove tasks, `workers` at
-    once, into shards OUT/00000.jsonl...; returns (and writes to OUT/stats.json) the counts summed over shards."""
+    once, into shards OUT/00000.jsonl...; returns (and writes to OUT/stats.json) the counts summed over shards
+    (or, when `executor` only submitted the tasks, `submitted: True`)."""
     out = Path(out)
     _check(tasks, workers, out)
     files = shard_files(in_path)
     params = {**params, "stage": stage, "tasks": tasks, "input": [str(f) for f in files]}
     ShardReader, RecordMap, _, ShardWriter = _steps()
     pipeline = [ShardReader([str(f) for f in files]), RecordMap(make_mapper, str(out)), ShardWriter(str(out))]
-    total = _execute(out, pipeline, tasks=tasks, workers=workers, params=params)
+    total = _execute(out, pipeline, tasks=tasks, workers=workers, params=params, executor=executor)
+    if total is None:
+        return _submitted(params, executor)
     stats = {**params, "input": str(in_path), "workers": workers,
              "n_in": total["n_in"], "n_out": total["n_out"]}
     write_stats(out / "stats.json", stats)
@@ -216,7 +361,7 @@ def run_map_stage(stage: str, in_path: str | os.PathLike, out: str | os.PathLike
 
 
 def run_source_stage(stage: str, source: Source, out: str | os.PathLike, *, tasks: int, workers: int,
-                     params: dict[str, Any]) -> dict[str, Any]:
+                     params: dict[str, Any], executor: ExecutorOptions = LOCAL) -> dict[str, Any]:
     """Write the records of `source` (split by rank, in order) as shards OUT/00000.jsonl... in `tasks` datatrove
     tasks; every count the source keeps is summed over shards into OUT/stats.json."""
     out = Path(out)
@@ -224,7 +369,9 @@ def run_source_stage(stage: str, source: Source, out: str | os.PathLike, *, task
     params = {**params, "stage": stage, "tasks": tasks}
     _, _, SourceReader, ShardWriter = _steps()
     total = _execute(out, [SourceReader(source, str(out)), ShardWriter(str(out))], tasks=tasks, workers=workers,
-                     params=params)
+                     params=params, executor=executor)
+    if total is None:
+        return _submitted(params, executor)
     stats = {**params, "workers": workers, **dict(sorted(total.items()))}
     write_stats(out / "stats.json", stats)
     return stats
