@@ -14,7 +14,8 @@ import torch
 
 from nanophi import checkpoint
 from nanophi.cli import main
-from nanophi.convert.gguf import NANOPHI_TOKENIZER_KEY, HF_JSON_KEY, read_gguf, tokenizer_from_metadata, write_gguf
+from nanophi.convert.gguf import read_gguf, write_gguf
+from nanophi.convert.gguf_vocab import HF_JSON_KEY, NANOPHI_TOKENIZER_KEY, tokenizer_from_metadata
 from nanophi.model import GPT, PRESETS, GPTConfig
 from nanophi.refs import load_model
 from nanophi.tokenizer import LEGACY_BPE_SPLIT_PATTERN, BPETokenizer, CharTokenizer

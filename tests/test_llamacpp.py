@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import nanophi.convert.gguf as gguf_module
-from nanophi.convert.gguf import HF_JSON_KEY, NANOPHI_TOKENIZER_KEY, read_gguf, tokenizer_from_metadata, write_gguf
+from nanophi.convert.gguf import read_gguf, write_gguf
+from nanophi.convert.gguf_vocab import HF_JSON_KEY, NANOPHI_TOKENIZER_KEY, tokenizer_from_metadata
 from nanophi.model import GPT, PRESETS, GPTConfig
 from nanophi.refs import load_model
 from nanophi.tokenizer import BPETokenizer, CharTokenizer
