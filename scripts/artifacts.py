@@ -234,7 +234,7 @@ def book_prompts(text: str, n: int = N_PROMPTS, prompt_chars: int = PROMPT_CHARS
 
 def write_book_samples(folder: Path, data: str) -> list[dict[str, Any]]:
     """The held-out split's prompts with the model's continuation and the book's; samples.md and samples.jsonl."""
-    from nanophi.generate import Engine
+    from nanophi.engine import Engine
     from nanophi.prepare import prepare
     from nanophi.refs import load_model
 

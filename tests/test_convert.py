@@ -16,7 +16,7 @@ from nanophi.cli import main
 from nanophi.convert.gguf import gguf_tensors, read_gguf, write_gguf
 from nanophi.errors import UserError
 from nanophi.export import export
-from nanophi.generate import Engine
+from nanophi.engine import Engine
 from nanophi.model import GPT, PRESETS, GPTConfig
 from nanophi.refs import load_model
 from nanophi.tokenizer import BPETokenizer, CharTokenizer

@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from nanophi import checkpoint
+from nanophi.bench_decode import bench_generate
 from nanophi.chat_template import PLAIN_TEMPLATE, apply_chat_template
 from nanophi.cli import main
+from nanophi.engine import Engine, TextStream
 from nanophi.errors import UserError
-from nanophi.generate import (Engine, QuantLinear, TextStream, apply_repetition_penalty, bench_generate,
-                              quantize_q4)
 from nanophi.model import GPT, PRESETS, GPTConfig
+from nanophi.quantize import QuantLinear, quantize_q4
+from nanophi.sampling import apply_repetition_penalty
 from nanophi.tokenizer import BPETokenizer, CharTokenizer, HFTokenizer
 
 TEXT = "It was the best of small models, it was the worst of small models.\nThe loss went down.\n" * 6
@@ -237,7 +239,7 @@ def test_bench_generate_reports_throughput(char: CharTokenizer) -> None:
 def test_a_seeded_row_samples_the_same_alone_or_batched_with_other_settings(char: CharTokenizer) -> None:
     """Rows with their own temperature/top-k/top-p/seed/penalty share one batch (the server's case), and a seeded
     row's tokens do not depend on its batch-mates, cached or not, and whichever rows finish first."""
-    from nanophi.generate import Sampling
+    from nanophi.sampling import Sampling
 
     engine = Engine(tiny(char.vocab_size), char)
     prompts = [char.encode(p) for p in ("It was", "The loss went down.\nIt", "s", "worst of small", "went")]

@@ -154,7 +154,7 @@ def hf_results(world: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def server(world: dict[str, Any]):
-    from nanophi.generate import Engine
+    from nanophi.engine import Engine
     from nanophi.refs import load_model
     from nanophi.serve import create_app
 

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from nanophi.engine import Engine
 from nanophi.errors import UserError
-from nanophi.generate import Engine, sample_logits
 from nanophi.kv_cache import KVCache
 from nanophi.model import GPT, PRESETS, GPTConfig
+from nanophi.sampling import sample_logits
 
 V = 61
 

@@ -135,7 +135,7 @@ def test_parity_cli_gpt2(backend: str, gpt2_run: Path, capsys: pytest.CaptureFix
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_parity_switches(backend: str, variant: str, workdir: Path, prepared) -> None:
     """The other switches, through the Python API: from_nanophi, logits, generate, to_nanophi."""
-    from nanophi.generate import Engine
+    from nanophi.engine import Engine
 
     p = port(backend)
     config = GPTConfig(**VARIANTS[variant], n_layer=2, n_head=4, n_embd=32, block_size=12,

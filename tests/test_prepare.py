@@ -10,9 +10,10 @@ import pytest
 
 from nanophi import prepare as prep
 from nanophi import sources
+from nanophi.bench import bench_prepare
 from nanophi.cli import main
 from nanophi.errors import UserError
-from nanophi.prepare import bench_prepare, open_prepared, prepare, token_dtype
+from nanophi.prepare import open_prepared, prepare, token_dtype
 from nanophi.sources import read_text
 from nanophi.tokenizer import BPETokenizer, HFTokenizer
 

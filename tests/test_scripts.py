@@ -139,7 +139,7 @@ def test_the_committed_model_loads_samples_and_matches_its_index() -> None:
 
     import torch
 
-    from nanophi.generate import Engine
+    from nanophi.engine import Engine
     from nanophi.refs import load_model
 
     artifacts = load("artifacts")

@@ -18,7 +18,7 @@ import torch
 
 from nanophi import checkpoint
 from nanophi.chat_template import PLAIN_TEMPLATE, apply_chat_template
-from nanophi.generate import Engine
+from nanophi.engine import Engine
 from nanophi.model import GPT, PRESETS, GPTConfig
 from nanophi.tokenizer import CharTokenizer
 
@@ -172,7 +172,7 @@ def test_concurrent_requests_share_batches_and_stay_correct(server, client, engi
 def test_different_seeds_and_settings_share_one_batch(server, client, engine: Engine) -> None:
     """12 clients, each its own seed/temperature/top_p/top_k: one or two forward-pass batches (they used to run
     two at a time), and each gets what it would alone: a row's seed is its own generator."""
-    from nanophi.generate import Sampling
+    from nanophi.sampling import Sampling
 
     settings = [dict(seed=s, temperature=0.5 + 0.1 * s, top_p=[1.0, 0.9, 0.7][s % 3], top_k=[None, 5, 20][s % 3])
                 for s in range(12)]

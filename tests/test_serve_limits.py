@@ -253,7 +253,7 @@ def test_a_second_signal_exits_at_once_without_a_traceback(tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def small():
     """An in-process server with small limits and one row per batch, so its queue fills."""
-    from nanophi.generate import Engine
+    from nanophi.engine import Engine
     from nanophi.serve import Limits, create_app
 
     engine = Engine(tiny_model(), CharTokenizer(sorted(CHARS)))

@@ -282,7 +282,7 @@ def _tiny_engine() -> Any:
     """A random 2-layer Llama-style GPT over printable ASCII, wrapped in nanophi's Engine."""
     import torch
 
-    from nanophi.generate import Engine
+    from nanophi.engine import Engine
     from nanophi.model import PRESETS, GPT, GPTConfig
     from nanophi.tokenizer import CharTokenizer
 

@@ -18,6 +18,8 @@ import ctypes
 import json
 import logging
 import os
+import random
+import resource
 import statistics
 import tempfile
 import time
@@ -95,10 +97,69 @@ def bench_train(cfg: RunConfig, iters: int = DEFAULT_ITERS, warmup: int = DEFAUL
     }
 
 
+def bench_prepare(
+    source: str | None, tokenizer: str = "bpe", vocab_size: int = 8192, megabytes: float | None = None
+) -> dict[str, Any]:
+    """Throughput and peak memory of `prepare`; with `megabytes`, on a corpus grown from `source` to that size.
+
+    mb_per_s is the tokenize-and-write phase alone (encode + split); training the tokenizer is timed apart.
+    MB are 10^6 bytes of UTF-8 text.
+    peak_rss_mb is the process's high-water mark (ru_maxrss), so it includes anything run before.
+    """
+    from nanophi.prepare import MB, prepare
+
+    with tempfile.TemporaryDirectory(prefix="nanophi-bench-") as tmp:
+        corpus = source
+        if megabytes is not None:
+            corpus = str(_grow_corpus(source, megabytes, Path(tmp) / "corpus"))
+        t0 = time.perf_counter()
+        data = prepare(corpus, tokenizer=tokenizer, vocab_size=vocab_size, out_dir=Path(tmp) / "prepared")
+        total = time.perf_counter() - t0
+        meta = data.meta
+    t, cpu = meta["timings_s"], meta["cpu_s"]
+    mb = meta["corpus_bytes"] / MB
+    tokenize_s = max(t["encode"] + t["split"], 1e-6)
+    tokenize_cpu_s = cpu["encode"] + cpu["split"]
+    return {
+        "megabytes": round(mb, 2),
+        "tokens": meta["n_tokens"],
+        "tokenizer": meta["tokenizer"],
+        "vocab_size": meta["vocab_size"],
+        "mb_per_s": round(mb / tokenize_s, 2),
+        "tokenize_s": round(tokenize_s, 2),
+        "tokenize_cpu_s": round(tokenize_cpu_s, 2),
+        "cores_busy": round(tokenize_cpu_s / tokenize_s, 2),  # well under the core count: contention or a bottleneck
+        "train_tokenizer_s": t["train_tokenizer"],
+        "hash_s": t["hash"],
+        "total_s": round(total, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
+    }
+
+
+def _grow_corpus(source: str | None, megabytes: float, root: Path) -> Path:
+    """A directory of copies of `source`, each with its paragraphs shuffled, adding up to `megabytes`."""
+    from nanophi.prepare import MB
+    from nanophi.sources import DOCUMENT_SEPARATOR, read_text
+
+    paragraphs = read_text(source).split(DOCUMENT_SEPARATOR)
+    rng = random.Random(0)
+    root.mkdir(parents=True)
+    target = int(megabytes * MB)
+    written, i = 0, 0
+    while written < target:
+        rng.shuffle(paragraphs)
+        data = DOCUMENT_SEPARATOR.join(paragraphs).encode("utf-8")[: target - written]
+        data = data.decode("utf-8", "ignore").encode("utf-8")  # the cut may have split the last character
+        (root / f"part{i:05d}.txt").write_bytes(data)
+        written += len(data) or target  # (an empty source would otherwise loop forever)
+        i += 1
+    return root
+
+
 def bench_generate_cmd(args: argparse.Namespace) -> dict[str, Any]:
-    """`nanophi.generate.bench_generate` (the KV-cache engine's benchmark) with the command's flags, or with
+    """`nanophi.bench_decode.bench_generate` (the KV-cache engine's benchmark) with the command's flags, or with
     --compare llama.cpp, `bench_compare_llama_cpp`."""
-    from nanophi.generate import bench_generate
+    from nanophi.bench_decode import bench_generate
 
     if args.compare == "llama.cpp":
         return bench_compare_llama_cpp(args.model, threads=args.threads or 1, rounds=args.rounds,
@@ -232,7 +293,7 @@ def bench_compare_llama_cpp(
     threads each, in `rounds` interleaved rounds (their order alternating) so a shared machine's load hits both
     alike. Per pair: tok/s and prefill ms of each (median, min, max over rounds), the ratio nanophi/llama.cpp
     per round, and how many of the greedy tokens agree."""
-    from nanophi.generate import Engine, load_model_for_inference
+    from nanophi.engine import Engine, load_model_for_inference
 
     llama_cpp = _import_llama_cpp()
     unknown = [p for p in pairs if p not in LLAMA_PAIRS]
@@ -276,7 +337,8 @@ def bench_compare_llama_cpp(
             same[p] = next((i for i, (a, b) in enumerate(zip(results["ours"], results["theirs"])) if a != b),
                            new_tokens)
     result: dict[str, Any] = {
-        "model": "(in memory)" if isinstance(model_ref, tuple) else str(model_ref), "threads": threads, "rounds": rounds, "prompt_tokens": prompt_tokens,
+        "model": "(in memory)" if isinstance(model_ref, tuple) else str(model_ref), "threads": threads,
+        "rounds": rounds, "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens, "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
         "cpu_flags": _cpu_flags(),
     }
@@ -368,8 +430,6 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         result = bench_train(train_config_from_args(args), args.iters, args.warmup)
     elif args.bench == "prepare":
-        from nanophi.prepare import bench_prepare
-
         if args.megabytes <= 0:
             raise UserError(f"--megabytes must be > 0, got {args.megabytes}")
         result = bench_prepare(args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,

@@ -33,13 +33,13 @@ __all__ = ["DecodeStep", "linear_fn"]
 # (B, in) fp32 rows -> (B, out) fp32 rows; `residual` variants add the product to x in the same call
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 Residual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-INT4_GROUP = 32  # QuantLinear.GROUP; kept here so this module needs nothing from generate.py
+INT4_GROUP = 32  # QuantLinear.GROUP; kept here so this module needs nothing from quantize.py
 
 
 def linear_fn(module: torch.nn.Module) -> tuple[Matmul, Residual]:
     """A linear layer of the engine's decode copy as two closures: y = x W^T + b, and x_res + (x W^T + b).
 
-    The layer kinds are told apart by their tensors, not their classes (generate.py defines them and imports
+    The layer kinds are told apart by their tensors, not their classes (nanophi.quantize defines them and
     this module): `weight_t` is StreamingLinear's (in, out) fp32 matrix, `weight_q` QuantLinear's packed 4- or
     8-bit codes, `_packed_params` fbgemm's dynamic int8 Linear. Anything else is called as a module."""
     bias = getattr(module, "bias", None)

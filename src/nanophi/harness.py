@@ -37,7 +37,7 @@ class NanophiLM(TemplateLM):
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> None:
         import torch
 
-        from nanophi.generate import Engine
+        from nanophi.engine import Engine
 
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
@@ -114,7 +114,8 @@ class NanophiLM(TemplateLM):
         before the first stop string."""
         from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
 
-        from nanophi.generate import Sampling, TextStream
+        from nanophi.engine import TextStream
+        from nanophi.sampling import Sampling
 
         eos = self.tok_decode([self.eot_token_id]) if self.eot_token_id is not None else None
         collator = Collator([req.args for req in requests], sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]),

@@ -310,7 +310,7 @@ def generate_samples(
     if not todo:
         log.info("humaneval: %s already holds all %d samples", out, len(problems) * n)
         return out
-    from nanophi.generate import Engine, load_model_for_inference
+    from nanophi.engine import Engine, load_model_for_inference
 
     model, tokenizer = load_model_for_inference(model_ref, device=device)
     engine = Engine(model, tokenizer)

@@ -26,8 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import random
-import resource
 import secrets
 import shutil
 import tempfile
@@ -44,7 +42,7 @@ import numpy as np
 
 import nanophi
 from nanophi.errors import UserError
-from nanophi.sources import DEFAULT_GLOB, DOCUMENT_SEPARATOR, Document, cache_root, iter_documents, iter_text_pieces
+from nanophi.sources import DEFAULT_GLOB, Document, cache_root, iter_documents, iter_text_pieces
 from nanophi.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -98,7 +96,7 @@ class PreparedData:
 
 
 class _PhaseTimer:
-    """Wall-clock and CPU seconds of each phase of `prepare` (recorded in meta.json, read by `bench_prepare`)."""
+    """Wall-clock and CPU seconds of each phase of `prepare` (recorded in meta.json, read by bench.bench_prepare)."""
 
     def __init__(self) -> None:
         self.wall: dict[str, float] = {}
@@ -451,66 +449,6 @@ def _describe(source: str | None) -> str:
         return "pydoc"
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else source
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# benchmark
-
-
-def bench_prepare(
-    source: str | None, tokenizer: str = "bpe", vocab_size: int = 8192, megabytes: float | None = None
-) -> dict[str, Any]:
-    """Throughput and peak memory of `prepare`; with `megabytes`, on a corpus grown from `source` to that size.
-
-    mb_per_s is the tokenize-and-write phase alone (encode + split); training the tokenizer is timed apart.
-    MB are 10^6 bytes of UTF-8 text.
-    peak_rss_mb is the process's high-water mark (ru_maxrss), so it includes anything run before.
-    """
-    with tempfile.TemporaryDirectory(prefix="nanophi-bench-") as tmp:
-        corpus = source
-        if megabytes is not None:
-            corpus = str(_grow_corpus(source, megabytes, Path(tmp) / "corpus"))
-        t0 = time.perf_counter()
-        data = prepare(corpus, tokenizer=tokenizer, vocab_size=vocab_size, out_dir=Path(tmp) / "prepared")
-        total = time.perf_counter() - t0
-        meta = data.meta
-    t, cpu = meta["timings_s"], meta["cpu_s"]
-    mb = meta["corpus_bytes"] / MB
-    tokenize_s = max(t["encode"] + t["split"], 1e-6)
-    tokenize_cpu_s = cpu["encode"] + cpu["split"]
-    return {
-        "megabytes": round(mb, 2),
-        "tokens": meta["n_tokens"],
-        "tokenizer": meta["tokenizer"],
-        "vocab_size": meta["vocab_size"],
-        "mb_per_s": round(mb / tokenize_s, 2),
-        "tokenize_s": round(tokenize_s, 2),
-        "tokenize_cpu_s": round(tokenize_cpu_s, 2),
-        "cores_busy": round(tokenize_cpu_s / tokenize_s, 2),  # well under the core count: contention or a bottleneck
-        "train_tokenizer_s": t["train_tokenizer"],
-        "hash_s": t["hash"],
-        "total_s": round(total, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
-    }
-
-
-def _grow_corpus(source: str | None, megabytes: float, root: Path) -> Path:
-    """A directory of copies of `source`, each with its paragraphs shuffled, adding up to `megabytes`."""
-    from nanophi.sources import read_text
-
-    paragraphs = read_text(source).split(DOCUMENT_SEPARATOR)
-    rng = random.Random(0)
-    root.mkdir(parents=True)
-    target = int(megabytes * MB)
-    written, i = 0, 0
-    while written < target:
-        rng.shuffle(paragraphs)
-        data = DOCUMENT_SEPARATOR.join(paragraphs).encode("utf-8")[: target - written]
-        data = data.decode("utf-8", "ignore").encode("utf-8")  # the cut may have split the last character
-        (root / f"part{i:05d}.txt").write_bytes(data)
-        written += len(data) or target  # (an empty source would otherwise loop forever)
-        i += 1
-    return root
 
 
 # ----------------------------------------------------------------------------------------------------------------

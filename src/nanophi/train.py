@@ -347,7 +347,7 @@ class Trainer:
 
     def sample_text(self, max_new_tokens: int = 120) -> str:
         """A short sample for the log, drawn with its own generator so training's RNG streams are untouched."""
-        from nanophi.generate import Engine
+        from nanophi.engine import Engine
 
         engine = Engine(self.raw_model, self.data.tokenizer, device=self.device)
         prompt = self.data.tokenizer.decode(self.data.val[:8].tolist())

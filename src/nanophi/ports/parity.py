@@ -76,7 +76,7 @@ def check(
     import torch
 
     from nanophi import checkpoint
-    from nanophi.generate import Engine
+    from nanophi.engine import Engine
     from nanophi.ports import greedy_rows, read_run
     from nanophi.refs import load_model
 

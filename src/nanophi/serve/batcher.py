@@ -22,7 +22,7 @@ class Job:
 
     prompt_ids: list[int]
     max_tokens: int
-    sampling: Any  # nanophi.generate.Sampling: this row's own temperature, top_k, top_p, seed, penalty
+    sampling: Any  # nanophi.sampling.Sampling: this row's own temperature, top_k, top_p, seed, penalty
     stops: list[str]
     on_delta: Callable[[str], None] | None  # streaming: called from the worker thread
     on_done: Callable[[str, str, int, BaseException | None], None]  # text, finish_reason, tokens, error
@@ -123,7 +123,7 @@ class Batcher:
                     self.stats["running"] = 0
 
     def _run(self, batch: list[Job]) -> None:
-        from nanophi.generate import TextStream
+        from nanophi.engine import TextStream
 
         streams = [TextStream(self.engine.tokenizer, j.stops, j.on_delta) for j in batch]
 

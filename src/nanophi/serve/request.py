@@ -44,7 +44,7 @@ class Limits:
 class Request:
     prompts: list[list[int]]  # one per choice (n copies of each prompt)
     max_tokens: int
-    sampling: list[Any]  # one nanophi.generate.Sampling per choice
+    sampling: list[Any]  # one nanophi.sampling.Sampling per choice
     stops: list[str]
     stream: bool
     logprobs: int | None = None  # alternatives per position; None: no logprobs asked
@@ -54,7 +54,7 @@ class Request:
 def parse_request(body: Any, kind: str, engine: Any, model_name: str, limits: Limits = Limits()) -> Request:
     """Validate an OpenAI request body; APIError (4xx) on anything the server cannot honour. Counts are checked
     before anything is tokenized, and tokenizing stops as soon as the request is over its token budget."""
-    from nanophi.generate import Sampling
+    from nanophi.sampling import Sampling
 
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")

@@ -42,7 +42,7 @@ def complete(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
              batch_size: int = GEN_BATCH, quantize: str | None = None) -> list[str]:
     """Greedy completions of `prompts`, only the new text, cut at the stop sequences. `quantize="int8"` decodes
     with int8 weights (CPU, ~2x faster; the Engine copies the weights now, so call it again after training)."""
-    from nanophi.generate import Engine
+    from nanophi.engine import Engine
 
     engine = Engine(model, tokenizer, quantize=quantize)
     out: list[str] = []
@@ -124,7 +124,8 @@ def sampled_pass_at_k(model: Any, tokenizer: Any, problems: Sequence[dict[str, s
     one, a CPU barely faster), checked in the sandbox, scored with the unbiased estimator. Returns pass@k for each
     k <= n, and `solved`: how many of the n samples passed, per problem in order (what the per-problem paired
     tests compare)."""
-    from nanophi.generate import Engine, Sampling
+    from nanophi.engine import Engine
+    from nanophi.sampling import Sampling
 
     engine = Engine(model, tokenizer, quantize=quantize)
     completions: list[str] = []

@@ -95,7 +95,7 @@ class Usage:
 # --------------------------------------------------------------------------------------------- local model
 
 class LocalTeacher:
-    """A model nanophi loads, generating through `nanophi.generate.Engine` in batches of `batch_size` rows.
+    """A model nanophi loads, generating through `nanophi.engine.Engine` in batches of `batch_size` rows.
 
     The model loads on first use, so a rerun whose work is already done never pays for it."""
 
@@ -123,12 +123,12 @@ class LocalTeacher:
     def engine(self) -> Any:
         if self._engine is None:
             from nanophi.device import pick_device
-            from nanophi.generate import Engine, _parse_dtype, load_model_for_inference
+            from nanophi.engine import Engine, load_model_for_inference, parse_dtype
 
             t0 = time.perf_counter()
             device = pick_device(self.device)
             model, tokenizer = load_model_for_inference(self.ref, device)
-            self._engine = Engine(model, tokenizer, device, _parse_dtype(self.dtype), self.quantize)
+            self._engine = Engine(model, tokenizer, device, parse_dtype(self.dtype), self.quantize)
             log.info("teacher: loaded %s in %.1f s", self.ref, time.perf_counter() - t0)
         return self._engine
 
