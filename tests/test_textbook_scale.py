@@ -174,3 +174,20 @@ def test_a_corrupt_line_is_one_clear_error_and_its_shard_is_not_marked_done(tmp_
         dec.decontaminate_sharded(bad, tmp_path / "out", tasks=2, workers=2)
     assert not (tmp_path / "out" / "00000.jsonl").exists()
     assert not (tmp_path / "out" / ".datatrove" / "completions" / "00000").exists()
+
+
+def test_filter_four_tasks_two_workers_equals_one_task(tmp_path):
+    from nanophi.textbook import annotate as ann
+    from nanophi.textbook.filter import filter_sharded, train_filter
+
+    pool = code_pool(tmp_path)
+    ann.annotate(pool, tmp_path / "labels.jsonl", n=48, seed=0)
+    one = train_filter(tmp_path / "labels.jsonl", pool, tmp_path / "one.jsonl", n_trees=20)
+    four = filter_sharded(tmp_path / "labels.jsonl", pool, tmp_path / "four", tasks=4, workers=2, n_trees=20)
+    assert list(read_records(tmp_path / "four")) == list(read_records(tmp_path / "one.jsonl"))
+    assert 0 < one["n_out"] < one["n_in"] == four["n_in"] == 49
+    assert {k: four[k] for k in ("n_out", "metrics", "p_quantiles")} == {
+        k: one[k] for k in ("n_out", "metrics", "p_quantiles")}
+    scores = {r["id"]: r["p"] for r in read_records(tmp_path / "one.scores.jsonl")}
+    assert {r["id"]: r["p"] for r in read_removed(tmp_path / "four")} == {
+        i: p for i, p in scores.items() if p < 0.5}

@@ -397,20 +397,24 @@ class RubricMapper:
 
 
 def annotate_sharded(pool_path: str | os.PathLike, out: str | os.PathLike, *, tasks: int, workers: int,
-                     n: int = DEFAULT_SAMPLE, seed: int = 0, threshold: float | None = None) -> dict[str, Any]:
+                     n: int = DEFAULT_SAMPLE, seed: int = 0, threshold: float | None = None,
+                     executor: Any = None) -> dict[str, Any]:
     """`annotate` with the rubric over datatrove tasks: the same sample and labels, in shards OUT/00000.jsonl...
 
     The sample is drawn first, in one pass over the pool (indices only), into OUT.sample.jsonl beside the
     folder; the tasks label its byte ranges. The judge (--labeler llm) stays on one process: it waits on a
     server, it does not compute.
     """
-    from nanophi.textbook.scale import run_map_stage
+    from nanophi.textbook.scale import LOCAL, run_map_stage
 
     thr = threshold if threshold is not None else HEURISTIC_THRESHOLD
     sample = sidecar_path(out, "sample")
     write_jsonl_atomic(sample, _unique(sample_records(pool_path, n, seed)))
     stats = run_map_stage("annotate", sample, out, RubricMapper(thr, seed), tasks=tasks, workers=workers,
-                          params={"pool": str(pool_path), "n": n, "seed": seed, "threshold": thr})
+                          params={"pool": str(pool_path), "n": n, "seed": seed, "threshold": thr},
+                          executor=executor or LOCAL)
+    if stats.get("submitted"):
+        return stats
     stats.update(label_stats(out, HEURISTIC_LABELER), n_requested=n, pool=str(pool_path),
                  labeler=HEURISTIC_LABELER)
     write_stats(Path(out) / "stats.json", stats)
@@ -447,10 +451,9 @@ def add_annotate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help=f"positive label at score >= this (default {HEURISTIC_THRESHOLD} rubric, "
                              f"{JUDGE_THRESHOLD} judge)")
-    parser.add_argument("--tasks", type=int, default=1,
-                        help="> 1 (rubric only): label as datatrove tasks into a folder of shards "
-                             "--out/00000.jsonl... (needs nanophi[data])")
-    parser.add_argument("--workers", type=int, default=1, help="with --tasks: tasks run at once (processes)")
+    from nanophi.textbook.scale import add_scale_arguments
+
+    add_scale_arguments(parser)
 
 
 def run_annotate(args: argparse.Namespace, teacher: Teacher | None = None) -> int:
@@ -458,8 +461,13 @@ def run_annotate(args: argparse.Namespace, teacher: Teacher | None = None) -> in
     if getattr(args, "tasks", 1) > 1:
         if args.labeler != "heuristic":
             raise UserError("--tasks > 1 runs the rubric; the judge waits on its server, run it with --tasks 1")
+        from nanophi.textbook.scale import executor_from_args, submitted_message
+
         stats = annotate_sharded(args.pool, args.out, tasks=args.tasks, workers=args.workers, n=args.n,
-                                 seed=args.seed, threshold=args.threshold)
+                                 seed=args.seed, threshold=args.threshold, executor=executor_from_args(args))
+        if (line := submitted_message(stats, args.out)) is not None:
+            print(line)
+            return 0
         print(f"annotate: {stats['n_out']} labels in {args.out}/ ({args.tasks} shards, {stats['n_positive']} "
               f"positive, {stats['n_negative']} negative)")
         return 0

@@ -370,10 +370,9 @@ def add_decontaminate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shorter functions are left to the n-gram detector")
     parser.add_argument("--sweep", default="",
                         help="comma-separated τ values to count removals at too, e.g. 0.95,0.9,0.85,0.8")
-    parser.add_argument("--tasks", type=int, default=1,
-                        help="> 1: run as datatrove tasks into a folder of shards --out/00000.jsonl... (needs "
-                             "nanophi[data])")
-    parser.add_argument("--workers", type=int, default=1, help="with --tasks: tasks run at once (processes)")
+    from nanophi.textbook.scale import add_scale_arguments
+
+    add_scale_arguments(parser)
 
 
 def run_decontaminate(args: argparse.Namespace) -> int:
@@ -384,8 +383,14 @@ def run_decontaminate(args: argparse.Namespace) -> int:
     if args.tasks > 1:
         if sweep:
             raise UserError("--sweep counts over one pass; run it with --tasks 1")
+        from nanophi.textbook.scale import executor_from_args, submitted_message
+
         stats = decontaminate_sharded(args.input, args.out, tasks=args.tasks, workers=args.workers, tau=args.tau,
+                                      executor=executor_from_args(args),
                                       ngram=args.ngram, min_ast_tokens=args.min_ast_tokens)
+        if (line := submitted_message(stats, args.out)) is not None:
+            print(line)
+            return 0
         print(f"decontaminate: kept {stats['n_out']}/{stats['n_in']} -> {args.out}/ ({args.tasks} shards)")
         return 0
     stats = decontaminate(args.input, args.out, tau=args.tau, ngram=args.ngram,
@@ -417,13 +422,13 @@ class DecontaminateMapper:
 
 
 def decontaminate_sharded(in_path: str | os.PathLike, out: str | os.PathLike, *, tasks: int, workers: int,
-                          tau: float = TAU, ngram: int = NGRAM, min_ast_tokens: int = MIN_AST_TOKENS
-                          ) -> dict[str, Any]:
+                          tau: float = TAU, ngram: int = NGRAM, min_ast_tokens: int = MIN_AST_TOKENS,
+                          executor: Any = None) -> dict[str, Any]:
     """`decontaminate` over datatrove tasks: shards OUT/00000.jsonl..., removals in OUT/removed/."""
-    from nanophi.textbook.scale import run_map_stage
+    from nanophi.textbook.scale import LOCAL, run_map_stage
 
     if not 0.0 < tau <= 1.0:
         raise UserError(f"tau must be in (0, 1], got {tau}")
     return run_map_stage("decontaminate", in_path, out, DecontaminateMapper(tau, ngram, min_ast_tokens),
-                         tasks=tasks, workers=workers,
+                         tasks=tasks, workers=workers, executor=executor or LOCAL,
                          params={"tau": tau, "ngram": ngram, "min_ast_tokens": min_ast_tokens})

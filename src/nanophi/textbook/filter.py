@@ -152,28 +152,13 @@ def _batches(it: Iterator[dict[str, Any]], n: int) -> Iterator[list[dict[str, An
         yield batch
 
 
-def train_filter(
-    labels_path: str | os.PathLike,
-    pool_path: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    embedder: str | Embedder = "hashing",
-    threshold: float = 0.5,
-    seed: int = 0,
-    n_trees: int = N_TREES,
-    labeler: str | None = None,
-) -> dict[str, Any]:
-    """Fit the forest on 80 % of the labels, report held-out metrics, keep pool documents with P >= threshold.
-
-    Writes `out` (kept records, score in provenance["filter"]), `OUT.scores.jsonl` (id, p for every pool
-    document, for choosing a threshold later) and `OUT.stats.json`; returns the stats. `labeler` picks one
-    labeler's records from a labels file that holds several (default: all labels 0/1, unparsable ones skipped).
-    """
+def _fit(labels_path: str | os.PathLike, embedder: str | Embedder, seed: int, n_trees: int, labeler: str | None
+         ) -> tuple[Embedder, Any, int, dict[str, Any], int]:
+    """(embedder, forest, column of P(educational), held-out metrics, labels used): the part that sees labels."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
     from sklearn.model_selection import train_test_split
 
-    t0 = time.perf_counter()
     labeled = [r for r in read_records(labels_path)
                if r.get("label") in (0, 1) and (labeler is None or r.get("labeler") == labeler)]
     y = np.array([r["label"] for r in labeled])
@@ -197,35 +182,113 @@ def train_filter(
                "accuracy": float(accuracy_score(y[idx_test], pred)), "n_train": int(len(idx_train)),
                "n_test": int(len(idx_test)), "test_positive_rate": float(y[idx_test].mean())}
     log.info("filter: held-out precision %.3f recall %.3f f1 %.3f", p, r, f1)
+    return emb, clf, list(clf.classes_).index(1), metrics, len(labeled)
 
-    positive = list(clf.classes_).index(1)
+
+def _scored(batch: list[dict[str, Any]], emb: Embedder, clf: Any, positive: int, threshold: float, seed: int
+            ) -> Iterator[tuple[dict[str, Any], float, bool]]:
+    """(record, P(educational), kept) for a batch; kept records carry their score in provenance["filter"]."""
+    probs = clf.predict_proba(emb.embed([rec["text"] for rec in batch]))[:, positive]
+    for rec, prob in zip(batch, probs, strict=True):
+        if prob >= threshold:
+            prov = dict(rec.get("provenance") or {})
+            prov["filter"] = {"p_educational": round(float(prob), 4), "embedder": emb.name,
+                              "threshold": threshold, "seed": seed}
+            rec = {**rec, "provenance": prov}
+        yield rec, round(float(prob), 4), bool(prob >= threshold)
+
+
+def _stats(labels_path: Any, pool_path: Any, emb: Embedder, n_trees: int, threshold: float, seed: int,
+           labeler: str | None, n_labels: int, metrics: dict[str, Any], n_pool: int, n_kept: int,
+           probs: np.ndarray) -> dict[str, Any]:
+    probs = probs if probs.size else np.zeros(1)
+    return {"stage": "filter", "labels": str(labels_path), "pool": str(pool_path), "embedder": emb.name,
+            "classifier": f"RandomForestClassifier(n_estimators={n_trees}, class_weight=balanced)",
+            "threshold": threshold, "seed": seed, "labeler": labeler, "n_labels": n_labels, "metrics": metrics,
+            "n_in": n_pool, "n_out": n_kept, "yield": n_kept / max(1, n_pool),
+            "p_quantiles": {str(q): round(float(np.quantile(probs, q)), 4) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}}
+
+
+def train_filter(
+    labels_path: str | os.PathLike,
+    pool_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    embedder: str | Embedder = "hashing",
+    threshold: float = 0.5,
+    seed: int = 0,
+    n_trees: int = N_TREES,
+    labeler: str | None = None,
+) -> dict[str, Any]:
+    """Fit the forest on 80 % of the labels, report held-out metrics, keep pool documents with P >= threshold.
+
+    Writes `out` (kept records, score in provenance["filter"]), `OUT.scores.jsonl` (id, p for every pool
+    document, for choosing a threshold later) and `OUT.stats.json`; returns the stats. `labeler` picks one
+    labeler's records from a labels file that holds several (default: all labels 0/1, unparsable ones skipped).
+    """
+    t0 = time.perf_counter()
+    emb, clf, positive, metrics, n_labels = _fit(labels_path, embedder, seed, n_trees, labeler)
     scores: list[tuple[str, float]] = []
-    n_pool = 0
 
     def kept() -> Iterator[dict[str, Any]]:
-        nonlocal n_pool
         for batch in _batches(read_records(pool_path), SCORE_BATCH):
-            probs = clf.predict_proba(emb.embed([rec["text"] for rec in batch]))[:, positive]
-            n_pool += len(batch)
-            for rec, prob in zip(batch, probs, strict=True):
-                scores.append((rec["id"], round(float(prob), 4)))
-                if prob >= threshold:
-                    prov = dict(rec.get("provenance") or {})
-                    prov["filter"] = {"p_educational": round(float(prob), 4), "embedder": emb.name,
-                                      "threshold": threshold, "seed": seed}
-                    yield {**rec, "provenance": prov}
+            for rec, prob, keep in _scored(batch, emb, clf, positive, threshold, seed):
+                scores.append((rec["id"], prob))
+                if keep:
+                    yield rec
 
     n_kept = write_jsonl_atomic(out, kept())
     write_jsonl_atomic(sidecar_path(out, "scores"), ({"id": i, "p": s} for i, s in scores))
-    probs = np.array([s for _, s in scores]) if scores else np.zeros(1)
-    stats = {"stage": "filter", "labels": str(labels_path), "pool": str(pool_path), "embedder": emb.name,
-             "classifier": f"RandomForestClassifier(n_estimators={n_trees}, class_weight=balanced)",
-             "threshold": threshold, "seed": seed, "labeler": labeler, "n_labels": len(labeled), "metrics": metrics,
-             "n_in": n_pool, "n_out": n_kept, "yield": n_kept / max(1, n_pool),
-             "p_quantiles": {str(q): round(float(np.quantile(probs, q)), 4) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
-             "seconds": round(time.perf_counter() - t0, 3)}
+    stats = _stats(labels_path, pool_path, emb, n_trees, threshold, seed, labeler, n_labels, metrics, len(scores),
+                   n_kept, np.array([s for _, s in scores]))
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
     write_stats(stats_path(out), stats)
-    log.info("filter: kept %d of %d pool documents (threshold %.2f)", n_kept, n_pool, threshold)
+    log.info("filter: kept %d of %d pool documents (threshold %.2f)", n_kept, len(scores), threshold)
+    return stats
+
+
+class ScoreMapper:
+    """Batched scoring for `nanophi.textbook.scale` (--tasks > 1): the fitted embedder and forest travel to each
+    task; a dropped document's removal record is its id and score, so kept + removed give every score."""
+
+    batch = SCORE_BATCH
+
+    def __init__(self, emb: Embedder, clf: Any, positive: int, threshold: float, seed: int) -> None:
+        self.emb, self.clf, self.positive, self.threshold, self.seed = emb, clf, positive, threshold, seed
+
+    def __call__(self) -> Any:
+        self.clf.n_jobs = 1  # one task, one core: --workers says how many run at once
+
+        def score(batch: list[dict[str, Any]]) -> list[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+            return [(rec, None) if keep else (None, {"id": rec["id"], "reason": "below threshold", "p": prob})
+                    for rec, prob, keep in _scored(batch, self.emb, self.clf, self.positive, self.threshold,
+                                                   self.seed)]
+
+        return score
+
+
+def filter_sharded(labels_path: str | os.PathLike, pool_path: str | os.PathLike, out: str | os.PathLike, *,
+                   tasks: int, workers: int, embedder: str | Embedder = "hashing", threshold: float = 0.5,
+                   seed: int = 0, n_trees: int = N_TREES, labeler: str | None = None, executor: Any = None
+                   ) -> dict[str, Any]:
+    """`train_filter` with the pool scored in datatrove tasks: the forest is fit here once, then shards
+    OUT/00000.jsonl... hold the same kept records as --tasks 1, OUT/removed/ the dropped ones with their score."""
+    from nanophi.textbook.scale import LOCAL, read_removed, run_map_stage
+
+    t0 = time.perf_counter()
+    emb, clf, positive, metrics, n_labels = _fit(labels_path, embedder, seed, n_trees, labeler)
+    stats = run_map_stage("filter", pool_path, out, ScoreMapper(emb, clf, positive, threshold, seed), tasks=tasks,
+                          workers=workers, executor=executor or LOCAL,
+                          params={"labels": str(labels_path), "embedder": emb.name, "threshold": threshold,
+                                  "seed": seed, "n_trees": n_trees, "labeler": labeler})
+    if stats.get("submitted"):
+        return stats
+    probs = [r["provenance"]["filter"]["p_educational"] for r in read_records(out)]
+    probs += [r["p"] for r in read_removed(out)]
+    stats.update(_stats(labels_path, pool_path, emb, n_trees, threshold, seed, labeler, n_labels, metrics,
+                        stats["n_in"], stats["n_out"], np.array(probs)), tasks=tasks, workers=workers,
+                 seconds=round(time.perf_counter() - t0, 3))
+    write_stats(Path(out) / "stats.json", stats)
     return stats
 
 
@@ -238,9 +301,25 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="keep documents with P(educational) >= this")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the SVD and the forest")
     parser.add_argument("--labeler", default=None, help="use only this labeler's labels (e.g. heuristic-v1)")
+    from nanophi.textbook.scale import add_scale_arguments
+
+    add_scale_arguments(parser)
 
 
 def run_filter(args: argparse.Namespace) -> int:
+    if getattr(args, "tasks", 1) > 1:
+        from nanophi.textbook.scale import executor_from_args, submitted_message
+
+        stats = filter_sharded(args.labels, args.pool, args.out, tasks=args.tasks, workers=args.workers,
+                               embedder=args.embedder, threshold=args.threshold, seed=args.seed,
+                               labeler=args.labeler, executor=executor_from_args(args))
+        if (line := submitted_message(stats, args.out)) is not None:
+            print(line)
+            return 0
+        m = stats["metrics"]
+        print(f"filter: kept {stats['n_out']}/{stats['n_in']} -> {args.out}/ ({args.tasks} shards); held-out "
+              f"precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f}")
+        return 0
     stats = train_filter(args.labels, args.pool, args.out, embedder=args.embedder, threshold=args.threshold,
                          seed=args.seed, labeler=args.labeler)
     m = stats["metrics"]

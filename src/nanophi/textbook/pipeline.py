@@ -14,6 +14,12 @@
 Each stage writes `*.stats.json` beside its output. A stage whose settings match what `pipeline.json` says it
 finished with is skipped, so a rerun after a kill starts at the stage that was interrupted, and the two stages
 that pay per record (annotate with a judge, generate) resume inside the stage from their append-only files.
+
+`--tasks N --workers W [--executor local|slurm|ray]` (N > 1) runs pool (when the preset takes the whole source),
+annotate (rubric), filter, verify, dedup and decontaminate as datatrove tasks: their outputs are folders of
+shards (DIR/pool/, DIR/labels/, DIR/filtered/, DIR/*.verified/, DIR/deduped/, DIR/decontaminated/), resumed
+per shard, and DIR/final.jsonl gathers the last one. With --executor slurm a stage returns once its jobs are
+submitted; rerun the command after they finish to go on to the next stage (verify and the teacher stay here).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nanophi.errors import UserError
-from nanophi.textbook.records import read_jsonl, write_jsonl_atomic, write_stats
+from nanophi.textbook.records import read_records, write_jsonl_atomic, write_stats
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,10 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+class StageSubmitted(Exception):
+    """A stage's tasks were submitted (Slurm), not run: the pipeline stops there until they finish."""
+
+
 class _State:
     """`pipeline.json`: per stage, the settings it finished with and its stats."""
 
@@ -90,14 +100,26 @@ class _State:
 
 def run_pipeline(out: str | os.PathLike, preset: str | Preset = "tiny", *, seed: int = 0,
                  teacher: Any = None, teacher_ref: str | None = None, teacher_model: str | None = None,
-                 teacher_device: str = "cpu", pool_source: str | None = None, name: str | None = None
-                 ) -> dict[str, Any]:
+                 teacher_device: str = "cpu", pool_source: str | None = None, name: str | None = None,
+                 tasks: int = 1, workers: int = 1, executor: Any = None) -> dict[str, Any]:
     """Run (or resume) every stage into `out`; returns the summary also written to `out/summary.json`.
 
     `teacher`: a teacher object to use (tests); otherwise one is made from `teacher_ref`/`teacher_model`
-    (default: the local SmolLM2-135M-Instruct), loaded only if a stage needs it."""
+    (default: the local SmolLM2-135M-Instruct), loaded only if a stage needs it. `tasks`/`workers`/`executor`
+    (a `scale.ExecutorOptions`): the stages that run on datatrove run as `tasks` tasks (module docstring).
+    Raises StageSubmitted when a stage's tasks were only submitted (rerun after they finish)."""
     from nanophi.textbook import annotate, card, decontaminate, dedup, filter, generate, pool, verify
+    from nanophi.textbook.dedup_scale import dedup_sharded
     from nanophi.textbook.teacher import DEFAULT_TEACHER, make_teacher
+
+    if tasks < 1 or workers < 1:
+        raise UserError(f"--tasks and --workers must be at least 1, got {tasks} and {workers}")
+    if tasks > 1:
+        from nanophi.textbook.scale import LOCAL, require_datatrove
+
+        require_datatrove()
+        executor = executor or LOCAL
+    sharded = tasks > 1
 
     if isinstance(preset, str):
         if preset not in PRESETS:
@@ -133,46 +155,82 @@ def run_pipeline(out: str | os.PathLike, preset: str | Preset = "tiny", *, seed:
         log.info("textbook run: %s ...", name_)
         t0 = time.perf_counter()
         stats = fn()
+        if stats.get("submitted"):
+            raise StageSubmitted(f"textbook run: {name_} submitted to {executor.kind}; rerun this command when "
+                                 "its jobs finish (finished stages and tasks are skipped)")
         seconds[name_] = round(time.perf_counter() - t0, 2)
+        if outputs[0].is_dir():  # a folder of shards: its stats beside it too, where the card looks
+            write_stats(outputs[0].with_name(f"{outputs[0].name}.stats.json"), stats)
         state.finish(name_, params, stats)
         return stats
 
-    pool_path, labels_path, filtered_path = out / "pool.jsonl", out / "labels.jsonl", out / "filtered.jsonl"
-    st_pool = stage("pool", {"source": pool_source, "split": p.pool_split, "max_docs": p.pool_max_docs},
-                    [pool_path], lambda: pool.build_pool(pool_source, pool_path, split=p.pool_split,
+    def at(name_: str, shards: bool = sharded) -> Path:
+        """A stage's output: a folder of shards with --tasks > 1, else one JSONL."""
+        return out / name_ if shards else out / f"{name_}.jsonl"
+
+    ex = {"tasks": tasks, "workers": workers, "executor": executor}  # for the stages that run on datatrove
+    # --max-docs stops one pass at a count: such a pool is one task (the tiny preset's 3000 documents)
+    pool_sharded = sharded and p.pool_max_docs is None
+    pool_path = at("pool", pool_sharded)
+    st_pool = stage("pool", {"source": pool_source, "split": p.pool_split, "max_docs": p.pool_max_docs,
+                             "tasks": tasks if pool_sharded else 1}, [pool_path],
+                    lambda: pool.build_pool_sharded(pool_source, pool_path, split=p.pool_split, **ex)
+                    if pool_sharded else pool.build_pool(pool_source, pool_path, split=p.pool_split,
                                                          max_docs=p.pool_max_docs))
+    ann_sharded = sharded and p.labeler == "heuristic"  # the judge waits on a server: one process
+    labels_path = at("labels", ann_sharded)
     st_ann = stage("annotate", {"n": p.labels, "seed": seed, "labeler": p.labeler,
-                                "teacher": teacher_name if p.labeler == "llm" else None}, [labels_path],
-                   lambda: annotate.annotate(pool_path, labels_path, n=p.labels, seed=seed, labeler=p.labeler,
-                                             teacher=get_teacher() if p.labeler == "llm" else None))
-    st_filt = stage("filter", {"seed": seed, "embedder": "hashing"}, [filtered_path],
-                    lambda: filter.train_filter(labels_path, pool_path, filtered_path, seed=seed))
+                                "teacher": teacher_name if p.labeler == "llm" else None,
+                                "tasks": tasks if ann_sharded else 1}, [labels_path],
+                   lambda: annotate.annotate_sharded(pool_path, labels_path, n=p.labels, seed=seed, **ex)
+                   if ann_sharded else annotate.annotate(pool_path, labels_path, n=p.labels, seed=seed,
+                                                         labeler=p.labeler,
+                                                         teacher=get_teacher() if p.labeler == "llm" else None))
+    filtered_path = at("filtered")
+    st_filt = stage("filter", {"seed": seed, "embedder": "hashing", "tasks": tasks}, [filtered_path],
+                    lambda: filter.filter_sharded(labels_path, pool_path, filtered_path, seed=seed, **ex)
+                    if sharded else filter.train_filter(labels_path, pool_path, filtered_path, seed=seed))
     gen: dict[str, dict[str, Any]] = {}
     ver: dict[str, dict[str, Any]] = {}
     for kind, n, tokens in (("textbook", p.textbooks, p.textbook_tokens),
                             ("exercises", p.exercises, p.exercise_tokens)):
         raw = generate.output_path(out, kind)
-        checked = raw.with_name(f"{raw.stem}.verified.jsonl")
+        checked = at(f"{raw.stem}.verified")
         gen[kind] = stage(f"generate-{kind}", {"n": n, "seed": seed, "max_tokens": tokens, "teacher": teacher_name},
                           [raw], lambda kind=kind, n=n, tokens=tokens: generate.generate(
                               kind, n, out, get_teacher(), seed=seed, max_tokens=tokens))
-        ver[kind] = stage(f"verify-{kind}", {"version": verify.VERIFY_VERSION, "input_n": gen[kind]["n_out"]},
-                          [checked], lambda raw=raw, checked=checked: verify.verify(raw, checked))
+        # verify's --workers is programs at once; its tasks run here whatever the executor (it takes no other)
+        ver[kind] = stage(f"verify-{kind}", {"version": verify.VERIFY_VERSION, "input_n": gen[kind]["n_out"],
+                                             "tasks": tasks}, [checked],
+                          lambda raw=raw, checked=checked: verify.verify_sharded(
+                              raw, checked, tasks=tasks, workers=workers)
+                          if sharded else verify.verify(raw, checked))
 
-    combined, deduped, final = out / "combined.jsonl", out / "deduped.jsonl", out / "final.jsonl"
-    parts = [filtered_path, *(out / f"{generate.output_path(out, k).stem}.verified.jsonl" for k in gen)]
+    combined, deduped, final = out / "combined.jsonl", at("deduped"), out / "final.jsonl"
+    parts = [filtered_path, *(at(f"{generate.output_path(out, k).stem}.verified") for k in gen)]
 
     def combine() -> dict[str, Any]:
-        n = write_jsonl_atomic(combined, (rec for part in parts for rec in read_jsonl(part)))
+        n = write_jsonl_atomic(combined, (rec for part in parts for rec in read_records(part)))
         return {"stage": "combine", "inputs": [str(x) for x in parts], "n_out": n}
 
     sizes = {"filtered": st_filt["n_out"], **{k: v["n_out"] for k, v in ver.items()}}
     stage("combine", sizes, [combined], combine)
-    st_dedup = stage("dedup", {"input": sizes, "threshold": 0.7}, [deduped],
-                     lambda: dedup.dedup(combined, deduped, threshold=0.7))
-    st_dec = stage("decontaminate", {"input": st_dedup["n_out"], "tau": decontaminate.TAU}, [final],
-                   lambda: decontaminate.decontaminate(deduped, final, tau=decontaminate.TAU,
-                                                       sweep=decontaminate.SWEEP_TAUS))
+    st_dedup = stage("dedup", {"input": sizes, "threshold": 0.7, "tasks": tasks}, [deduped],
+                     lambda: dedup_sharded(combined, deduped, threshold=0.7, **ex)
+                     if sharded else dedup.dedup(combined, deduped, threshold=0.7))
+
+    def decontaminate_gathered() -> dict[str, Any]:
+        """Sharded: the shards, then final.jsonl gathered from them (the card and pack read one file)."""
+        shards = at("decontaminated")
+        stats = decontaminate.decontaminate_sharded(deduped, shards, tau=decontaminate.TAU, **ex)
+        if not stats.get("submitted"):
+            write_jsonl_atomic(final, read_records(shards))
+            write_stats(final.with_name("final.stats.json"), stats)
+        return stats
+
+    st_dec = stage("decontaminate", {"input": st_dedup["n_out"], "tau": decontaminate.TAU, "tasks": tasks},
+                   [final], decontaminate_gathered if sharded else lambda: decontaminate.decontaminate(
+                       deduped, final, tau=decontaminate.TAU, sweep=decontaminate.SWEEP_TAUS))
     packed = out / "packed"
     st_pack = stage("pack", {"input": st_dec["n_out"], "tokenizer": p.pack_tokenizer, "vocab": p.pack_vocab},
                     [packed], lambda: card.pack(final, packed, tokenizer=p.pack_tokenizer, vocab_size=p.pack_vocab))
@@ -215,6 +273,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override the preset's labeler (llm: the teacher judges)")
     parser.add_argument("--textbooks", type=int, default=None, help="override the preset's textbook count")
     parser.add_argument("--exercises", type=int, default=None, help="override the preset's exercise count")
+    parser.add_argument("--tasks", type=int, default=1,
+                        help="> 1: pool, annotate, filter, verify, dedup, decontaminate run as datatrove tasks "
+                             "into folders of shards (needs nanophi[data])")
+    parser.add_argument("--workers", type=int, default=1, help="with --tasks: tasks run at once")
+    from nanophi.textbook.scale import add_executor_arguments
+
+    add_executor_arguments(parser)
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -222,10 +287,20 @@ def run_run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("labeler", args.labeler), ("textbooks", args.textbooks),
                                    ("exercises", args.exercises)) if v is not None}
     preset: str | Preset = replace(p, **overrides) if overrides else args.preset
-    summary = run_pipeline(args.out, preset, seed=args.seed, teacher_ref=args.teacher,
-                           teacher_model=args.teacher_model, teacher_device=args.teacher_device,
-                           pool_source=args.source,
-                           name=args.preset + "".join(f"+{k}={v}" for k, v in overrides.items()))
+    executor = None
+    if args.tasks > 1:
+        from nanophi.textbook.scale import executor_from_args
+
+        executor = executor_from_args(args)
+    try:
+        summary = run_pipeline(args.out, preset, seed=args.seed, teacher_ref=args.teacher,
+                               teacher_model=args.teacher_model, teacher_device=args.teacher_device,
+                               pool_source=args.source,
+                               name=args.preset + "".join(f"+{k}={v}" for k, v in overrides.items()),
+                               tasks=args.tasks, workers=args.workers, executor=executor)
+    except StageSubmitted as e:
+        print(e)
+        return 0
     keys = ("pool_docs", "labeled", "filtered_docs", "classifier_f1", "textbooks_generated", "textbooks_verified",
             "exercises_generated", "exercises_verified", "dedup_removed", "decontam_removed", "final_docs",
             "train_tokens", "wall_seconds_this_run")

@@ -357,11 +357,11 @@ class PoolSource:
 
 def build_pool_sharded(source: str | None, out: str | os.PathLike, *, tasks: int, workers: int,
                        split: str = "file", min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS,
-                       licence: str = "unknown") -> dict[str, Any]:
+                       licence: str = "unknown", executor: Any = None) -> dict[str, Any]:
     """`build_pool` over datatrove tasks into shards OUT/00000.jsonl...: task r reads the r-th contiguous part
     of the source's files (parquet: row groups; JSONL: line-aligned byte ranges), so the shards read in order
     are the pool of `--tasks 1`."""
-    from nanophi.textbook.scale import run_source_stage
+    from nanophi.textbook.scale import LOCAL, run_source_stage
 
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
@@ -371,7 +371,10 @@ def build_pool_sharded(source: str | None, out: str | os.PathLike, *, tasks: int
     t0 = time.perf_counter()
     options = {"split": split, "min_chars": min_chars, "max_chars": max_chars, "licence": licence}
     stats = run_source_stage("pool", PoolSource(source, **options), out, tasks=tasks, workers=workers,
-                             params={"source": str(source) if source else f"stdlib:{stdlib_dir()}", **options})
+                             params={"source": str(source) if source else f"stdlib:{stdlib_dir()}", **options},
+                             executor=executor or LOCAL)
+    if stats.get("submitted"):
+        return stats
     stats["n_in"] = stats.get("n_files", 0)
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     write_stats(Path(out) / "stats.json", stats)
@@ -389,18 +392,23 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-chars", type=int, default=MIN_CHARS, help="drop shorter documents")
     parser.add_argument("--max-chars", type=int, default=MAX_CHARS, help="drop longer documents")
     parser.add_argument("--licence", default="unknown", help="licence of a folder/JSONL source without its own")
-    parser.add_argument("--tasks", type=int, default=1,
-                        help="> 1: run as datatrove tasks into a folder of shards --out/00000.jsonl... (needs "
-                             "nanophi[data])")
-    parser.add_argument("--workers", type=int, default=1, help="with --tasks: tasks run at once (processes)")
+    from nanophi.textbook.scale import add_scale_arguments
+
+    add_scale_arguments(parser)
 
 
 def run_pool(args: argparse.Namespace) -> int:
     if getattr(args, "tasks", 1) > 1:
         if args.max_docs is not None:
             raise UserError("--max-docs stops one pass at a count; run it with --tasks 1")
+        from nanophi.textbook.scale import executor_from_args, submitted_message
+
         stats = build_pool_sharded(args.source, args.out, tasks=args.tasks, workers=args.workers, split=args.split,
-                                   min_chars=args.min_chars, max_chars=args.max_chars, licence=args.licence)
+                                   min_chars=args.min_chars, max_chars=args.max_chars, licence=args.licence,
+                                   executor=executor_from_args(args))
+        if (line := submitted_message(stats, args.out)) is not None:
+            print(line)
+            return 0
         print(f"pool: {stats['n_out']} documents from {stats['n_files']} files -> {args.out}/ ({args.tasks} "
               f"shards, {stats['seconds']} s)")
         return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -136,17 +137,21 @@ def _steps() -> tuple[type, type, type, type]:
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
             fn = self.make_mapper()
+            # a factory with `batch = n` maps lists of n records (a classifier scores a batch at once)
+            batch = getattr(self.make_mapper, "batch", None)
             removed: list[dict[str, Any]] = []
             counts = Counter()
-            for doc in data:
-                counts["n_in"] += 1
-                kept, gone = fn(doc.metadata["record"])
-                if gone is not None:
-                    removed.append(gone)
-                if kept is not None:
-                    counts["n_out"] += 1
-                    doc.metadata["record"] = kept
-                    yield doc
+            docs = iter(data)
+            while chunk := list(itertools.islice(docs, batch or 1)):
+                counts["n_in"] += len(chunk)
+                results = fn([d.metadata["record"] for d in chunk]) if batch else [fn(chunk[0].metadata["record"])]
+                for doc, (kept, gone) in zip(chunk, results, strict=True):
+                    if gone is not None:
+                        removed.append(gone)
+                    if kept is not None:
+                        counts["n_out"] += 1
+                        doc.metadata["record"] = kept
+                        yield doc
             out = Path(self.out)
             write_jsonl_atomic(out / "removed" / f"{rank:05d}.jsonl", removed)
             write_stats(out / WORKDIR / "counts" / f"{rank:05d}.json", dict(counts))
