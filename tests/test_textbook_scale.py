@@ -191,3 +191,57 @@ def test_filter_four_tasks_two_workers_equals_one_task(tmp_path):
     scores = {r["id"]: r["p"] for r in read_records(tmp_path / "one.scores.jsonl")}
     assert {r["id"]: r["p"] for r in read_removed(tmp_path / "four")} == {
         i: p for i, p in scores.items() if p < 0.5}
+
+
+def test_executor_options_reach_the_slurm_and_ray_executors(tmp_path, monkeypatch):
+    """Constructed, not submitted: the options a user gives are the executors' settings."""
+    import shutil
+
+    from nanophi.textbook import scale
+
+    opts = scale.ExecutorOptions(kind="slurm", partition="cpu", time="02:30:00", cpus_per_task=4, mem_per_cpu_gb=3,
+                                 env_command="source /opt/env/bin/activate")
+    with pytest.raises(UserError, match="sbatch, which is not on PATH"):
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+        scale.make_executor(opts, [], tasks=8, workers=4, logging_dir=str(tmp_path / "logs"))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    first = scale.make_executor(opts, [], tasks=8, workers=4, logging_dir=str(tmp_path / "a"), job_name="sigs")
+    slurm = scale.make_executor(opts, [], tasks=14, workers=4, logging_dir=str(tmp_path / "b"), depends=first)
+    assert (slurm.partition, slurm.time, slurm.cpus_per_task, slurm.mem_per_cpu_gb, slurm.tasks, slurm.workers,
+            slurm.env_command, slurm.depends) == ("cpu", "02:30:00", 4, 3, 14, 4, "source /opt/env/bin/activate",
+                                                  first)
+    assert first.job_name == "sigs"
+    with pytest.raises(UserError, match="--partition"):
+        scale.ExecutorOptions(kind="slurm")
+
+    ray_opts = scale.ExecutorOptions(kind="ray", time="1:00:00", cpus_per_task=2, mem_per_cpu_gb=4)
+    real_find_spec = scale.importlib.util.find_spec
+    monkeypatch.setattr(scale.importlib.util, "find_spec", lambda name: None if name == "ray" else real_find_spec(name))
+    with pytest.raises(UserError, match=r"pip install 'ray\[default\]'"):
+        scale.make_executor(ray_opts, [], tasks=8, workers=2, logging_dir=str(tmp_path / "r"))
+    monkeypatch.setattr(scale.importlib.util, "find_spec", lambda name: object() if name == "ray" else
+                        real_find_spec(name))
+    ray = scale.make_executor(ray_opts, [], tasks=8, workers=2, logging_dir=str(tmp_path / "r"))
+    assert (ray.tasks, ray.workers, ray.cpus_per_task, ray.mem_per_cpu_gb, ray.time) == (8, 2, 2, 4, 3600)
+    local = scale.make_executor(scale.LOCAL, [], tasks=2, workers=8, logging_dir=str(tmp_path / "l"))
+    assert (type(local).__name__, local.tasks, local.workers) == ("LocalPipelineExecutor", 2, 2)
+
+
+def test_executor_flags_reach_the_stage(tmp_path, monkeypatch):
+    from nanophi.cli import main as nanophi_main
+    from nanophi.textbook import dedup_scale
+
+    seen = {}
+
+    def fake(in_path, out, **kw):
+        seen.update(kw)
+        return {"stage": "dedup", "submitted": True, "executor": kw["executor"].kind}
+
+    monkeypatch.setattr(dedup_scale, "dedup_sharded", fake)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(make_record("x = 1", {})) + "\n")
+    rc = nanophi_main(["textbook", "dedup", str(src), "--out", str(tmp_path / "d"), "--tasks", "64", "--workers",
+                       "32", "--executor", "slurm", "--partition", "cpu", "--time", "1:00:00", "--cpus-per-task", "2"])
+    assert rc == 0 and (seen["tasks"], seen["workers"]) == (64, 32)
+    assert seen["executor"] == dedup_scale.ExecutorOptions(kind="slurm", partition="cpu", time="1:00:00",
+                                                           cpus_per_task=2)
