@@ -245,3 +245,39 @@ def test_executor_flags_reach_the_stage(tmp_path, monkeypatch):
     assert rc == 0 and (seen["tasks"], seen["workers"]) == (64, 32)
     assert seen["executor"] == dedup_scale.ExecutorOptions(kind="slurm", partition="cpu", time="1:00:00",
                                                            cpus_per_task=2)
+
+
+@pytest.mark.slow  # ~20 s on 2 loaded cores: three runs of a 3,000-record stage, two of them CLI subprocesses
+def test_kill_9_mid_stage_then_rerun_loses_and_duplicates_nothing(tmp_path):
+    """A real SIGKILL of the whole stage (the CLI and its task processes) while some shards are done."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    texts = [f"def fn_{i}(values: list[int]) -> int:\n    total = 0\n    for v in values:\n"
+             f"        if v % {i % 5 + 2} == 0:\n            total += v * {i}\n    return total - {i}\n"
+             for i in range(3000)]
+    texts += [p["prompt"] + p["canonical_solution"] for p in dec.load_humaneval()[:5]]
+    random.Random(1).shuffle(texts)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(make_record(t, {"stage": "pool"})) + "\n" for t in texts))
+    out = tmp_path / "four"
+    cmd = [sys.executable, "-m", "nanophi", "textbook", "decontaminate", str(src), "--out", str(out),
+           "--tasks", "4", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    done = out / ".datatrove" / "completions"
+    deadline = time.monotonic() + 120
+    while not (done.is_dir() and any(done.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the task processes it forked
+    proc.wait()
+    finished = len(list(done.iterdir())) if done.is_dir() else 0
+    assert 0 < finished < 4, f"the kill came with {finished} of 4 tasks done; the input is too small to catch it"
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    dec.decontaminate(src, tmp_path / "one.jsonl")
+    got, want = ids(out), ids(tmp_path / "one.jsonl")
+    assert got == want and len(set(got)) == len(got) == 3000
+    assert not list(out.glob(".*.tmp"))  # what the killed tasks were writing is gone

@@ -309,6 +309,9 @@ def prepare_workdir(out: Path, params: dict[str, Any]) -> Path:
         shutil.rmtree(out)
     work.mkdir(parents=True, exist_ok=True)
     write_stats(prior, params)
+    # shards a killed run was writing (write_jsonl_atomic's temporaries); their tasks are not marked done
+    for tmp in [*out.glob(".*.tmp"), *out.glob("removed/.*.tmp")]:
+        tmp.unlink(missing_ok=True)
     return work
 
 
