@@ -96,11 +96,14 @@ def subtopics() -> list[tuple[str, str]]:
     return [(t, s) for t, subs in TOPIC_TREE.items() for s in subs]
 
 
-def load_template(kind: str) -> tuple[str, str]:
-    """(version, template text) for `kind`, read from the package's templates folder."""
+def load_template(kind: str, version: str | None = None) -> tuple[str, str]:
+    """(version, template text) for `kind` (its default version unless `version` names another, e.g. the
+    stricter `exercise-v2`), read from the package's templates folder."""
     if kind not in KINDS:
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    version = TEMPLATE_VERSIONS[kind]
+    version = version or TEMPLATE_VERSIONS[kind]
+    if not resources.files("nanophi.textbook").joinpath("templates", f"{version}.txt").is_file():
+        raise UserError(f"no prompt template {version!r} in nanophi/textbook/templates")
     text = resources.files("nanophi.textbook").joinpath("templates", f"{version}.txt").read_text(encoding="utf-8")
     return version, text.strip()
 
@@ -115,14 +118,14 @@ def _draw(kind: str, rng: random.Random, leaves: list[tuple[str, str]]) -> dict[
             "function_name": f"{rng.choice(NAME_VERBS)}_{rng.choice(NAME_NOUNS)}"}
 
 
-def plan(kind: str, n: int, seed: int) -> list[dict[str, Any]]:
+def plan(kind: str, n: int, seed: int, version: str | None = None) -> list[dict[str, Any]]:
     """The first n prompts of the plan for (kind, seed): distinct, and the same prefix for any n.
 
     Each item: {"prompt_id", "prompt", "fields"}. Draws that repeat an earlier prompt are redrawn, so the
     prompts never collide (the output is keyed by them)."""
     if n < 0:
         raise UserError(f"--n must be >= 0, got {n}")
-    version, template = load_template(kind)
+    version, template = load_template(kind, version)
     rng = random.Random(f"{kind}:{seed}")  # a string seed: the plans of different kinds are unrelated
     leaves = subtopics()
     seen: set[str] = set()

@@ -49,15 +49,37 @@ CHARS_PER_TOKEN = 4  # token estimate when an endpoint does not report usage
 TOP_P = 0.95
 
 
+STOP_TAIL_TOKENS = 8  # a stop string is looked for in the last this many tokens of a row
+# One seed for a call (prompt i gets seed + i, as the engine seeds batch rows), or one seed per prompt (best-of-n
+# gives each (prompt, sample) its own, so a sample does not depend on which other prompts share its call).
+Seeds = int | Sequence[int] | None
+
+
+def prompt_seeds(seed: Seeds, n: int) -> list[int | None]:
+    """The seed of each of n prompts."""
+    if seed is None or isinstance(seed, int):
+        return [None if seed is None else seed + i for i in range(n)]
+    seeds = list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+    return seeds
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to its first stop string, as an OpenAI-compatible server returns it."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 class Teacher(Protocol):
     """What the pipeline asks of a teacher. `name` goes into every record's provenance."""
 
     name: str
 
-    def complete(self, prompts: list[str], max_tokens: int, temperature: float, seed: int | None = None
+    def complete(self, prompts: list[str], max_tokens: int, temperature: float, seed: Seeds = None
                  ) -> list[str]: ...
 
-    def chat(self, prompts: list[str], max_tokens: int, temperature: float, seed: int | None = None
+    def chat(self, prompts: list[str], max_tokens: int, temperature: float, seed: Seeds = None
              ) -> list[str]: ...
 
 
@@ -140,29 +162,43 @@ class LocalTeacher:
         return apply_chat_template(self.engine.tokenizer, messages + [{"role": "user", "content": prompt}],
                                    add_generation_prompt=True)
 
-    def complete(self, prompts: list[str], max_tokens: int, temperature: float, seed: int | None = None
-                 ) -> list[str]:
-        return self._generate(list(prompts), max_tokens, temperature, seed)
+    def complete(self, prompts: list[str], max_tokens: int, temperature: float, seed: Seeds = None,
+                 stop: Sequence[str] = ()) -> list[str]:
+        return self._generate(list(prompts), max_tokens, temperature, seed, stop)
 
-    def chat(self, prompts: list[str], max_tokens: int, temperature: float, seed: int | None = None) -> list[str]:
-        return self._generate([self.render(p) for p in prompts], max_tokens, temperature, seed)
+    def chat(self, prompts: list[str], max_tokens: int, temperature: float, seed: Seeds = None,
+             stop: Sequence[str] = ()) -> list[str]:
+        return self._generate([self.render(p) for p in prompts], max_tokens, temperature, seed, stop)
 
-    def _generate(self, texts: list[str], max_tokens: int, temperature: float, seed: int | None) -> list[str]:
+    def _generate(self, texts: list[str], max_tokens: int, temperature: float, seed: Seeds,
+                  stop: Sequence[str] = ()) -> list[str]:
+        from nanophi.sampling import Sampling
+
         engine = self.engine
         tok = engine.tokenizer
+        seeds = prompt_seeds(seed, len(texts))
+        stops = [s for s in stop if s]
         # A prompt longer than the context would leave no room to answer: keep its tail, like a chat session.
         room = max(1, engine.block_size - max_tokens)
         out: list[str] = []
+
+        def should_stop(row: int, new_ids: list[int]) -> bool:
+            # only the last few tokens can complete a stop string; decoding the whole row each step would cost
+            tail = tok.decode(new_ids[-STOP_TAIL_TOKENS:])
+            return any(s in tail for s in stops)
+
         for start in range(0, len(texts), self.batch_size):
             batch = texts[start:start + self.batch_size]
             ids = [tok.encode(t)[-room:] for t in batch]
+            sampling = [Sampling(temperature, None, TOP_P if temperature else None, s)
+                        for s in seeds[start:start + len(batch)]]
             t0 = time.perf_counter()
-            new = engine.generate_ids(ids, max_tokens, temperature=temperature, top_p=TOP_P if temperature else None,
-                                      seed=None if seed is None else seed + start, stop_ids=engine.stop_ids())
+            new = engine.generate_ids(ids, max_tokens, sampling=sampling, stop_ids=engine.stop_ids(),
+                                      should_stop=should_stop if stops else None)
             dt = time.perf_counter() - t0
             for row_ids, row_new in zip(ids, new):
                 self.usage.add(len(row_ids), len(row_new), seconds=dt / len(batch))
-            out.extend(tok.decode(r) for r in new)
+            out.extend(_cut_at_stop(tok.decode(r), stops) for r in new)
         return out
 
 
@@ -194,17 +230,21 @@ class OpenAITeacher:
                                      or PLACEHOLDER_KEY, max_retries=0, timeout=timeout)
         self._reached = threading.Event()  # set after the first answer: later connection errors are retried
 
-    def complete(self, prompts: list[str], max_tokens: int, temperature: float, seed: int | None = None
-                 ) -> list[str]:
-        return self._map("completions", prompts, max_tokens, temperature, seed)
+    def complete(self, prompts: list[str], max_tokens: int, temperature: float, seed: Seeds = None,
+                 stop: Sequence[str] = ()) -> list[str]:
+        return self._map("completions", prompts, max_tokens, temperature, seed, stop)
 
-    def chat(self, prompts: list[str], max_tokens: int, temperature: float, seed: int | None = None) -> list[str]:
-        return self._map("chat", prompts, max_tokens, temperature, seed)
+    def chat(self, prompts: list[str], max_tokens: int, temperature: float, seed: Seeds = None,
+             stop: Sequence[str] = ()) -> list[str]:
+        return self._map("chat", prompts, max_tokens, temperature, seed, stop)
 
-    def _map(self, kind: str, prompts: Sequence[str], max_tokens: int, temperature: float, seed: int | None
-             ) -> list[str]:
+    def _map(self, kind: str, prompts: Sequence[str], max_tokens: int, temperature: float, seed: Seeds,
+             stop: Sequence[str] = ()) -> list[str]:
+        seeds = prompt_seeds(seed, len(prompts))
+        stops = [s for s in stop if s]
+
         def one(i: int) -> str:
-            return self._request(kind, prompts[i], max_tokens, temperature, None if seed is None else seed + i)
+            return self._request(kind, prompts[i], max_tokens, temperature, seeds[i], stops)
 
         if not prompts:
             return []
@@ -216,7 +256,9 @@ class OpenAITeacher:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(rest)))) as pool:
             return first + list(pool.map(one, rest))  # map keeps the order and re-raises the first failure
 
-    def _request(self, kind: str, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> str:
+    def _request(self, kind: str, prompt: str, max_tokens: int, temperature: float, seed: int | None,
+                 stop: Sequence[str] = ()) -> str:
+        extra: dict[str, Any] = {"stop": list(stop)} if stop else {}  # servers cut before the stop string
         openai = self._openai
         t0 = time.perf_counter()
         for attempt in range(self.max_retries + 1):
@@ -225,11 +267,11 @@ class OpenAITeacher:
                     messages = ([{"role": "system", "content": self.system}] if self.system else [])
                     resp = self._client.chat.completions.create(
                         model=self.model, messages=messages + [{"role": "user", "content": prompt}],
-                        max_tokens=max_tokens, temperature=temperature, seed=seed)
+                        max_tokens=max_tokens, temperature=temperature, seed=seed, **extra)
                     text = resp.choices[0].message.content or ""
                 else:
                     resp = self._client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens,
-                                                           temperature=temperature, seed=seed)
+                                                           temperature=temperature, seed=seed, **extra)
                     text = resp.choices[0].text or ""
             except openai.APIStatusError as e:
                 if e.status_code not in RETRY_STATUS:
