@@ -205,7 +205,8 @@ def test_health_monitor_known_values(corpus: Path, tmp_path: Path) -> None:
     assert -8 < record["update/transformer.h.1.mlp.c_proj.weight/log10"] < 0
     assert record["grad/block1/norm"] > 0 and "grad/embed/norm" in record
     # the hooks are gone after the step
-    assert not model.transformer.h[0]._forward_hooks and "act_out" not in vars(model.transformer.h[0].mlp)
+    block = model.transformer.h[0]
+    assert not block._forward_hooks and not block.mlp._forward_hooks and not block.mlp.act._forward_hooks
 
 
 # --- views --------------------------------------------------------------------------------------------------------

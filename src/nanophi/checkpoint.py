@@ -156,8 +156,8 @@ def _save(
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is as readable as the run directory
     try:
         save_safetensors(model_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
-        _write_json(tmp / CONFIG, config)
-        _write_json(tmp / STATE, state | {"step": step})
+        write_json(tmp / CONFIG, config)
+        write_json(tmp / STATE, state | {"step": step})
         if trainer is not None:
             with open(tmp / TRAINER, "wb") as f:  # a Python file, so a full disk is an OSError, not torch's own
                 torch.save(trainer, f)
@@ -304,8 +304,8 @@ def find(path: Path) -> Path:
 def load(path: Path, with_trainer: bool = True) -> Checkpoint:
     """Load a checkpoint; any missing or corrupt file is a UserError naming it."""
     ckpt = find(path)
-    config = check_config_file(_read_json(ckpt / CONFIG), ckpt / CONFIG)
-    state = check_state_file(_read_json(ckpt / STATE), ckpt / STATE)
+    config = check_config_file(_read_checkpoint_json(ckpt / CONFIG), ckpt / CONFIG)
+    state = check_state_file(_read_checkpoint_json(ckpt / STATE), ckpt / STATE)
     try:
         weights = load_file(str(ckpt / WEIGHTS))
     except FileNotFoundError:
@@ -374,17 +374,25 @@ def check_state_file(state: Any, p: Path) -> dict[str, Any]:
     return state
 
 
-def _read_json(p: Path) -> dict[str, Any]:
+def read_json(p: Path, missing: str = "{p} is missing", corrupt: str = "{p} is not valid JSON ({e})") -> Any:
+    """The JSON in `p`; a missing or unparsable file is a UserError with the line `missing` or `corrupt` (templates
+    with {p}, and {e} for the parser's complaint), so each caller says what the file is and what to do."""
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"checkpoint file {p} is missing; the checkpoint is incomplete") from None
+        raise UserError(missing.format(p=p)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"checkpoint file {p} is corrupt ({e}); use another checkpoint") from None
+        raise UserError(corrupt.format(p=p, e=e)) from None
 
 
-def _write_json(p: Path, obj: Any) -> None:
-    p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def _read_checkpoint_json(p: Path) -> dict[str, Any]:
+    return read_json(p, missing="checkpoint file {p} is missing; the checkpoint is incomplete",
+                     corrupt="checkpoint file {p} is corrupt ({e}); use another checkpoint")
+
+
+def write_json(p: Path, obj: Any, sort_keys: bool = True) -> None:
+    """`obj` as indented JSON with a final newline (sorted keys unless a format fixes their order)."""
+    p.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
 def write_json_atomic(p: Path, obj: Any) -> None:

@@ -75,9 +75,9 @@ def _write(model: Any, tokenizer: Any, fmt: str, out: Path, dtype: str) -> Path:
 
     if fmt == "hf":
         from nanophi.convert.hf import export_hf
+        from nanophi.device import pick_dtype
 
-        dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        path = export_hf(model, tokenizer, out, dtypes[dtype])
+        path = export_hf(model, tokenizer, out, pick_dtype(dtype, torch.device("cpu")))  # device.py names dtypes
     else:
         from nanophi.convert.gguf import write_gguf
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,13 @@ from nanophi.errors import UserError
 
 if TYPE_CHECKING:
     from nanophi.kv_cache import KVCache
+
+# The block switches' allowed values, written once: the field types below (which `nanophi train --pos` lists as
+# choices) and the check in `GPTConfig.__post_init__` (which also guards configs read from files) both use them.
+PosKind = Literal["learned", "rope"]
+NormKind = Literal["layernorm", "rmsnorm"]
+MLPKind = Literal["gelu", "swiglu", "relu2"]
+SWITCHES: dict[str, tuple[str, ...]] = {"pos": get_args(PosKind), "norm": get_args(NormKind), "mlp": get_args(MLPKind)}
 
 
 @dataclass
@@ -37,9 +44,9 @@ class GPTConfig:
     vocab_size: int = field(default=0, metadata={"help": "set from the tokenizer; not a flag", "cli": False})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability (0 for small data is fine)"})
     bias: bool = field(default=False, metadata={"help": "biases in linear layers and LayerNorms"})
-    pos: Literal["learned", "rope"] = field(default="learned", metadata={"help": "position encoding"})
-    norm: Literal["layernorm", "rmsnorm"] = field(default="layernorm", metadata={"help": "normalisation"})
-    mlp: Literal["gelu", "swiglu", "relu2"] = field(default="gelu", metadata={"help": "MLP activation"})
+    pos: PosKind = field(default="learned", metadata={"help": "position encoding"})
+    norm: NormKind = field(default="layernorm", metadata={"help": "normalisation"})
+    mlp: MLPKind = field(default="gelu", metadata={"help": "MLP activation"})
     mlp_hidden: int | None = field(
         default=None, metadata={"help": "MLP hidden width; default 4*n_embd (gelu/relu2) or 8/3*n_embd (swiglu)"}
     )
@@ -70,8 +77,7 @@ class GPTConfig:
             raise UserError(f"rotary embeddings need an even head size, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name, allowed in (("pos", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                              ("mlp", ("gelu", "swiglu", "relu2"))):
+        for name, allowed in SWITCHES.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
         if self.mlp_hidden is None:
@@ -181,15 +187,12 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        cache: KVCache | None = None,
-        layer: int = 0,
-    ) -> torch.Tensor:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(
+    def heads(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """c_attn's output (B, T, (nh + 2*nkv) * hs) -> q (B, nh, T, hs), k and v (B, nkv, T, hs), QK-normed and
+        rotated: everything before the attention itself (diagnostics rebuild the attention weights from it)."""
+        B, T, _ = qkv.size()
+        q, k, v = qkv.split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
         )
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -199,6 +202,17 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # Rotary.tables of this forward's positions
             q, k = Rotary.rotate(q, rope), Rotary.rotate(k, rope)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.heads(self.c_attn(x), rope)
         if cache is not None:
             # append this step's keys/values and attend over everything cached so far
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs)
@@ -237,6 +251,9 @@ class MLP(nn.Module):
         # SwiGLU's gate and up projections live in one matrix: [gate; up], split after the matmul
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        # an identity with no weights: a named point where a forward hook sees the hidden activations (the
+        # diagnostics count dead units there); the state dict is unchanged
+        self.act = nn.Identity()
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,12 +266,8 @@ class MLP(nn.Module):
             h = r * r  # not .square(): pow's backward is ~4x slower on CPU than mul's, same values
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
-        h = self.act_out(h)
+        h = self.act(h)  # (B, T, hidden)
         return F.dropout(self.c_proj(h), self.dropout, self.training)
-
-    def act_out(self, h: torch.Tensor) -> torch.Tensor:
-        """Identity; a named point where diagnostics hook the MLP's hidden activations (dead units)."""
-        return h
 
 
 class Block(nn.Module):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from nanophi.checkpoint import read_json, save_safetensors, write_json
 from nanophi.convert import DEFAULT_MAX_CONTEXT, build_model, family, llama_blocks_to_nanophi, nanophi_blocks_to_llama
 from nanophi.errors import UserError
 from nanophi.model import GPT, GPTConfig, PRESETS
@@ -51,7 +52,7 @@ def is_hf_dir(path: Path) -> bool:
 def load_hf_dir(path: str | Path, max_context: int | None = DEFAULT_MAX_CONTEXT) -> tuple[GPT, Any]:
     """(model, tokenizer) from a Hugging Face checkpoint directory."""
     path = Path(path)
-    hf = _read_json(path / "config.json")
+    hf = read_json(path / "config.json")
     if not isinstance(hf, dict):
         raise UserError(f"{path / 'config.json'} must be a JSON object (a Hugging Face model config), "
                         f"got {type(hf).__name__}")
@@ -126,7 +127,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors").exists():
         return load(path / "model.safetensors")
     if index.exists():
-        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
+        weight_map = read_json(index).get("weight_map") if isinstance(read_json(index), dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{index} must hold a \"weight_map\" object of tensor -> shard file names")
         out: dict[str, torch.Tensor] = {}
@@ -202,7 +203,7 @@ def load_hf_tokenizer(path: Path, hf_config: dict[str, Any] | None = None) -> An
     else:
         raise UserError(f"{path} has no tokenizer.json (nor vocab.json + merges.txt); copy the model's tokenizer "
                         "files into it")
-    tc = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+    tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
     template = tc.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one is for chat
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -292,8 +293,6 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 def export_hf(model: GPT, tokenizer: Any, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write DIR/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json}
     that `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load."""
-    from nanophi.checkpoint import save_safetensors
-
     out = Path(out)
     config = hf_config(model.config, tokenizer)  # raises first if the model has no HF equivalent
     tokenizer_files = hf_tokenizer_files(tokenizer, model.config.block_size)
@@ -301,9 +300,9 @@ def export_hf(model: GPT, tokenizer: Any, out: str | Path, dtype: torch.dtype = 
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     save_safetensors({k: v.to(dtype) for k, v in hf_state_dict(model).items()}, out / "model.safetensors",
                      metadata={"format": "pt"})
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", {k: config[k] for k in ("bos_token_id", "eos_token_id")
-                                                 if config.get(k) is not None})
+    write_json(out / "config.json", config, sort_keys=False)  # HF's own key order
+    write_json(out / "generation_config.json", {k: config[k] for k in ("bos_token_id", "eos_token_id")
+                                                if config.get(k) is not None}, sort_keys=False)
     for name, text in tokenizer_files.items():
         (out / name).write_text(text, encoding="utf-8")
     return out
@@ -339,16 +338,3 @@ def hf_tokenizer_files(tokenizer: Any, max_length: int) -> dict[str, str]:
         rust.save(f"{d}/tokenizer.json")
         text = Path(d, "tokenizer.json").read_text(encoding="utf-8")
     return {"tokenizer.json": text, "tokenizer_config.json": json.dumps(tc, indent=2, ensure_ascii=False) + "\n"}
-
-
-def _read_json(p: Path) -> dict[str, Any]:
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{p} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} is not valid JSON ({e})") from None
-
-
-def _write_json(p: Path, obj: Any) -> None:
-    p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

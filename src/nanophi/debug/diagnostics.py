@@ -41,18 +41,13 @@ NO_UPDATE_LOG10 = -10.0
 def attention_probs(attn: nn.Module, qkv: torch.Tensor, rotary: nn.Module | None) -> torch.Tensor:
     """Causal attention probabilities (nh, T, T) recomputed from `attn.c_attn`'s output for one sequence.
 
-    SDPA never materialises the weights, so they are rebuilt here the way `CausalSelfAttention` computes them:
-    split, optional QK-norm, rotary, GQA repeat, scaled dot product, causal mask, softmax."""
+    SDPA never materialises the weights, so they are rebuilt here from the model's own heads (`attn.heads`: split,
+    QK-norm, rotary), then the GQA repeat, scaled dot product, causal mask and softmax that SDPA does inside."""
     T = qkv.size(0)
     nh, nkv, hs = attn.n_head, attn.n_kv_head, attn.head_dim
-    q, k, _ = qkv.float().split([nh * hs, nkv * hs, nkv * hs], dim=-1)
-    q = q.view(T, nh, hs).transpose(0, 1)  # (nh, T, hs)
-    k = k.view(T, nkv, hs).transpose(0, 1)  # (nkv, T, hs)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if rotary is not None:
-        positions = torch.arange(T, device=qkv.device)
-        q, k = rotary(q[None], positions)[0], rotary(k[None], positions)[0]
+    rope = rotary.tables(torch.arange(T, device=qkv.device)) if rotary is not None else None
+    q, k, _ = attn.heads(qkv.float()[None], rope)
+    q, k = q[0], k[0]  # (nh, T, hs), (nkv, T, hs)
     if nkv != nh:
         k = k.repeat_interleave(nh // nkv, dim=0)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (nh, T, T)
@@ -96,7 +91,6 @@ class HealthMonitor(Callback):
             raise ValueError(f"interval must be >= 1, got {interval}")
         self.interval = interval
         self.handles: list[Any] = []
-        self.patched: list[nn.Module] = []
         self.stats: dict[str, torch.Tensor] = {}
         self.before: dict[str, torch.Tensor] = {}
         self.active = False
@@ -141,36 +135,27 @@ class HealthMonitor(Callback):
                     f"mlp/block{i}/sat_frac": (h.detach().float().abs() > PREACT_SATURATION).float().mean()})
             return hook
 
+        def on_hidden(i: int, swiglu: bool) -> Callable:
+            def hook(module: nn.Module, args: Any, h: torch.Tensor) -> None:
+                def compute() -> dict[str, torch.Tensor]:
+                    flat = h.detach().float().reshape(-1, h.size(-1))
+                    alive = flat.abs().amax(0) > DEAD_EPS if swiglu else flat.amax(0) > 0
+                    return {f"mlp/block{i}/dead_frac": 1.0 - alive.float().mean()}
+                record(f"dead/{i}", compute)
+            return hook
+
         for i, block in enumerate(model.transformer.h):
             self.handles += [block.register_forward_hook(on_output(f"block{i}")),
                              block.attn.register_forward_hook(on_output(f"block{i}.attn")),
                              block.mlp.register_forward_hook(on_output(f"block{i}.mlp")),
                              block.attn.c_attn.register_forward_hook(on_qkv(i, block.attn)),
-                             block.mlp.c_fc.register_forward_hook(on_preact(i))]
-            self._patch_act_out(block.mlp, i, record)
-
-    def _patch_act_out(self, mlp: nn.Module, i: int, record: Callable) -> None:
-        """`MLP.act_out` is an identity method, not a module: shadow it on the instance for this step."""
-        original = mlp.act_out
-        swiglu = getattr(mlp, "kind", "gelu") == "swiglu"
-
-        def act_out(h: torch.Tensor) -> torch.Tensor:
-            def compute() -> dict[str, torch.Tensor]:
-                flat = h.detach().float().reshape(-1, h.size(-1))
-                alive = flat.abs().amax(0) > DEAD_EPS if swiglu else flat.amax(0) > 0
-                return {f"mlp/block{i}/dead_frac": 1.0 - alive.float().mean()}
-            record(f"dead/{i}", compute)
-            return original(h)
-
-        mlp.act_out = act_out
-        self.patched.append(mlp)
+                             block.mlp.c_fc.register_forward_hook(on_preact(i)),
+                             block.mlp.act.register_forward_hook(on_hidden(i, block.mlp.kind == "swiglu"))]
 
     def _detach_hooks(self) -> None:
         for h in self.handles:
             h.remove()
-        for mlp in self.patched:
-            del mlp.act_out  # the class's identity method shows through again
-        self.handles, self.patched = [], []
+        self.handles = []
 
     # --- gradients and updates --------------------------------------------------------------------------------
     def on_after_backward(self, trainer: Trainer, step: int) -> None:

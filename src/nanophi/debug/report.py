@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from nanophi.checkpoint import read_json
 from nanophi.errors import UserError
 
 if TYPE_CHECKING:
@@ -333,7 +334,7 @@ def write_report(run_dir: Path, prompt: str | None = None, device: str = "cpu") 
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
     model, tokenizer, ckpt = _load(run_dir, device, notes)
-    config = ckpt.config if ckpt is not None else _read_json(run_dir / "config.json")
+    config = ckpt.config if ckpt is not None else _read_json_or_empty(run_dir / "config.json")
     val = _val_tokens(ckpt, notes) if ckpt is not None else None
 
     # overview
@@ -416,10 +417,11 @@ def _val_tokens(ckpt: Any, notes: list[str]) -> np.ndarray | None:
         return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json_or_empty(path: Path) -> dict[str, Any]:
+    """The run's JSON file, or {} when it is missing or unreadable: the report shows what there is."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path)
+    except (UserError, OSError):
         return {}
 
 
