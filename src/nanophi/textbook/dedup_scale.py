@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from nanophi.textbook.dedup import LSH_SLACK, WORD, exact_key, shingles
 from nanophi.textbook.records import shard_files, write_jsonl_atomic, write_stats
-from nanophi.textbook.scale import (LOCAL, ExecutorOptions, _check, _steps, _submitted, prepare_workdir, run_chain,
-                                    sum_counts)
+from nanophi.textbook.scale import (LOCAL, ExecutorOptions, check_stage, pipeline_steps, prepare_workdir, run_chain,
+                                    submitted_stats, sum_counts)
+from nanophi.textbook.shingling import LSH_SLACK, WORD, exact_key, shingles
 
 Node = tuple[int, int]  # (task rank, document index in its shard): input order
 
@@ -219,7 +219,7 @@ def dedup_sharded(in_path: str | os.PathLike, out: str | os.PathLike, *, tasks: 
     if not 0.0 < threshold <= 1.0:
         raise UserError(f"threshold must be in (0, 1], got {threshold}")
     out = Path(out)
-    _check(tasks, workers, out)
+    check_stage(tasks, workers, out)
     files = [str(f) for f in shard_files(in_path)]
     bands, rows = lsh_bands(threshold, num_perm)
     params = {"stage": "dedup", "tasks": tasks, "input": files, "threshold": threshold, "num_perm": num_perm,
@@ -228,7 +228,7 @@ def dedup_sharded(in_path: str | os.PathLike, out: str | os.PathLike, *, tasks: 
     folder = str(work / "dedup")
     config = _minhash_config(ngram, bands, rows, seed)
     Signature, FirstOccurrence = _classes()
-    ShardReader, _, _, ShardWriter = _steps()
+    ShardReader, _, _, ShardWriter = pipeline_steps()
     logs = lambda name: str(work / "logs" / name)  # noqa: E731
     chain = [
         ("signatures", [ShardReader(files), Signature(folder, config, num_perm, bands)], tasks, logs("signatures")),
@@ -240,7 +240,7 @@ def dedup_sharded(in_path: str | os.PathLike, out: str | os.PathLike, *, tasks: 
          tasks, logs("filter")),
     ]
     if not run_chain(chain, workers=workers, executor=executor):
-        return _submitted(params, executor)
+        return submitted_stats(params, executor)
     n_in = sum_counts(Path(folder) / "counts")["n_in"]
     removed = json.loads((Path(folder) / "removed.json").read_text())
     for bulky in ("sigs", "full"):  # the signatures: every task that needs them is done (and marked so)

@@ -111,7 +111,7 @@ def _parse(line: bytes, path: Path, at: int) -> dict[str, Any]:
     return rec
 
 
-def _steps() -> tuple[type, type, type, type]:
+def pipeline_steps() -> tuple[type, type, type, type]:
     """The three pipeline steps; defined on first use so that importing this module needs no datatrove."""
     from datatrove.data import Document
     from datatrove.pipeline.base import PipelineStep
@@ -293,7 +293,7 @@ def submitted_message(stats: dict[str, Any], out: str | os.PathLike) -> str | No
             "command when the jobs finish: finished tasks are skipped and OUT/stats.json is written")
 
 
-def _check(tasks: int, workers: int, out: Path) -> None:
+def check_stage(tasks: int, workers: int, out: Path) -> None:
     require_datatrove()
     if tasks < 1 or workers < 1:
         raise UserError(f"--tasks and --workers must be at least 1, got {tasks} and {workers}")
@@ -343,7 +343,7 @@ def _execute(out: Path, pipeline: list[Any], *, tasks: int, workers: int, params
     return sum_counts(work / "counts")
 
 
-def _submitted(params: dict[str, Any], executor: ExecutorOptions) -> dict[str, Any]:
+def submitted_stats(params: dict[str, Any], executor: ExecutorOptions) -> dict[str, Any]:
     return {**params, "submitted": True, "executor": executor.kind, "n_in": None, "n_out": None}
 
 
@@ -354,14 +354,14 @@ def run_map_stage(stage: str, in_path: str | os.PathLike, out: str | os.PathLike
     once, into shards OUT/00000.jsonl...; returns (and writes to OUT/stats.json) the counts summed over shards
     (or, when `executor` only submitted the tasks, `submitted: True`)."""
     out = Path(out)
-    _check(tasks, workers, out)
+    check_stage(tasks, workers, out)
     files = shard_files(in_path)
     params = {**params, "stage": stage, "tasks": tasks, "input": [str(f) for f in files]}
-    ShardReader, RecordMap, _, ShardWriter = _steps()
+    ShardReader, RecordMap, _, ShardWriter = pipeline_steps()
     pipeline = [ShardReader([str(f) for f in files]), RecordMap(make_mapper, str(out)), ShardWriter(str(out))]
     total = _execute(out, pipeline, tasks=tasks, workers=workers, params=params, executor=executor)
     if total is None:
-        return _submitted(params, executor)
+        return submitted_stats(params, executor)
     stats = {**params, "input": str(in_path), "workers": workers,
              "n_in": total["n_in"], "n_out": total["n_out"]}
     write_stats(out / "stats.json", stats)
@@ -373,13 +373,13 @@ def run_source_stage(stage: str, source: Source, out: str | os.PathLike, *, task
     """Write the records of `source` (split by rank, in order) as shards OUT/00000.jsonl... in `tasks` datatrove
     tasks; every count the source keeps is summed over shards into OUT/stats.json."""
     out = Path(out)
-    _check(tasks, workers, out)
+    check_stage(tasks, workers, out)
     params = {**params, "stage": stage, "tasks": tasks}
-    _, _, SourceReader, ShardWriter = _steps()
+    _, _, SourceReader, ShardWriter = pipeline_steps()
     total = _execute(out, [SourceReader(source, str(out)), ShardWriter(str(out))], tasks=tasks, workers=workers,
                      params=params, executor=executor)
     if total is None:
-        return _submitted(params, executor)
+        return submitted_stats(params, executor)
     stats = {**params, "workers": workers, **dict(sorted(total.items()))}
     write_stats(out / "stats.json", stats)
     return stats
