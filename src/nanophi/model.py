@@ -187,12 +187,12 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
-    def heads(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    def heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """c_attn's output (B, T, (nh + 2*nkv) * hs) -> q (B, nh, T, hs), k and v (B, nkv, T, hs), QK-normed and
-        rotated: everything before the attention itself (diagnostics rebuild the attention weights from it)."""
-        B, T, _ = qkv.size()
-        q, k, v = qkv.split(
+        """x (B, T, C) -> q (B, nh, T, hs), k and v (B, nkv, T, hs), QK-normed and rotated: everything before the
+        attention itself (diagnostics rebuild the attention weights from it, which fused attention never forms)."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
         )
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -212,7 +212,7 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.heads(self.c_attn(x), rope)
+        q, k, v = self.heads(x, rope)
         if cache is not None:
             # append this step's keys/values and attend over everything cached so far
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs)

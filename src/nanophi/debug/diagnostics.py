@@ -38,20 +38,21 @@ DEAD_EPS = 1e-6
 NO_UPDATE_LOG10 = -10.0
 
 
-def attention_probs(attn: nn.Module, qkv: torch.Tensor, rotary: nn.Module | None) -> torch.Tensor:
-    """Causal attention probabilities (nh, T, T) recomputed from `attn.c_attn`'s output for one sequence.
+def attention_probs(attn: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+                    ) -> torch.Tensor:
+    """Causal attention probabilities (nh, T, T) of `attn` for one sequence x (T, C), its input, with the rotary
+    tables `rope` it was called with.
 
-    SDPA never materialises the weights, so they are rebuilt here from the model's own heads (`attn.heads`: split,
-    QK-norm, rotary), then the GQA repeat, scaled dot product, causal mask and softmax that SDPA does inside."""
-    T = qkv.size(0)
+    SDPA never materialises the weights, so they are rebuilt here from the model's own heads (`attn.heads`: c_attn,
+    split, QK-norm, rotary), then the GQA repeat, scaled dot product, causal mask and softmax SDPA does inside."""
+    T = x.size(0)
     nh, nkv, hs = attn.n_head, attn.n_kv_head, attn.head_dim
-    rope = rotary.tables(torch.arange(T, device=qkv.device)) if rotary is not None else None
-    q, k, _ = attn.heads(qkv.float()[None], rope)
-    q, k = q[0], k[0]  # (nh, T, hs), (nkv, T, hs)
+    q, k, _ = attn.heads(x[None], rope)
+    q, k = q[0].float(), k[0].float()  # (nh, T, hs), (nkv, T, hs)
     if nkv != nh:
         k = k.repeat_interleave(nh // nkv, dim=0)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (nh, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=qkv.device).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
@@ -120,11 +121,11 @@ class HealthMonitor(Callback):
                 record(f"act/{prefix}", compute)
             return hook
 
-        def on_qkv(i: int, attn: nn.Module) -> Callable:
-            def hook(module: nn.Module, args: Any, qkv: torch.Tensor) -> None:
+        def on_attn_input(i: int) -> Callable:
+            def hook(module: nn.Module, args: tuple) -> None:  # args: (x, rope, ...) of CausalSelfAttention
                 def compute() -> dict[str, torch.Tensor]:
                     with torch.no_grad():
-                        ent = attention_entropy(attention_probs(attn, qkv[0].detach(), model.rotary))
+                        ent = attention_entropy(attention_probs(module, args[0][0].detach(), args[1]))
                     return {f"attn/block{i}/head{h}/entropy": ent[h] for h in range(ent.numel())}
                 record(f"attn/{i}", compute)
             return hook
@@ -148,7 +149,7 @@ class HealthMonitor(Callback):
             self.handles += [block.register_forward_hook(on_output(f"block{i}")),
                              block.attn.register_forward_hook(on_output(f"block{i}.attn")),
                              block.mlp.register_forward_hook(on_output(f"block{i}.mlp")),
-                             block.attn.c_attn.register_forward_hook(on_qkv(i, block.attn)),
+                             block.attn.register_forward_pre_hook(on_attn_input(i)),
                              block.mlp.c_fc.register_forward_hook(on_preact(i)),
                              block.mlp.act.register_forward_hook(on_hidden(i, block.mlp.kind == "swiglu"))]
 

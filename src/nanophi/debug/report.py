@@ -217,8 +217,8 @@ def fig_attention(model: GPT, ids: list[int], labels: list[str]) -> Figure:
 
     blocks = list(model.transformer.h)[:MAX_ATTN_LAYERS]
     probs: dict[int, torch.Tensor] = {}
-    handles = [b.attn.c_attn.register_forward_hook(
-        lambda mod, a, qkv, i=i, attn=b.attn: probs.__setitem__(i, attention_probs(attn, qkv[0], model.rotary)))
+    handles = [b.attn.register_forward_pre_hook(  # args: (x, rope, ...), the attention's own inputs
+        lambda attn, args, i=i: probs.__setitem__(i, attention_probs(attn, args[0][0], args[1])))
         for i, b in enumerate(blocks)]
     try:
         model(torch.tensor([ids], device=model.lm_head.weight.device))
