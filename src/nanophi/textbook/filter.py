@@ -275,6 +275,7 @@ def filter_sharded(labels_path: str | os.PathLike, pool_path: str | os.PathLike,
     OUT/00000.jsonl... hold the same kept records as --tasks 1, OUT/removed/ the dropped ones with their score."""
     from nanophi.textbook.scale import LOCAL, read_removed, run_map_stage
 
+    (executor or LOCAL).check_available()  # before the fit, not after it
     t0 = time.perf_counter()
     emb, clf, positive, metrics, n_labels = _fit(labels_path, embedder, seed, n_trees, labeler)
     stats = run_map_stage("filter", pool_path, out, ScoreMapper(emb, clf, positive, threshold, seed), tasks=tasks,

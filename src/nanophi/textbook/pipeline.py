@@ -119,6 +119,7 @@ def run_pipeline(out: str | os.PathLike, preset: str | Preset = "tiny", *, seed:
 
         require_datatrove()
         executor = executor or LOCAL
+        executor.check_available()
     sharded = tasks > 1
 
     if isinstance(preset, str):

@@ -223,6 +223,14 @@ class ExecutorOptions:
                             f"and {self.mem_per_cpu_gb}")
         _seconds(self.time)
 
+    def check_available(self) -> None:
+        """Refuse in one line an executor this machine cannot drive: no `sbatch` on PATH, or ray not installed
+        (before a stage spends time on anything)."""
+        if self.kind == "slurm" and shutil.which("sbatch") is None:
+            raise UserError("--executor slurm submits with sbatch, which is not on PATH: run on a Slurm login node")
+        if self.kind == "ray" and importlib.util.find_spec("ray") is None:
+            raise UserError("--executor ray needs ray, which is not installed: pip install 'ray[default]'")
+
 
 LOCAL = ExecutorOptions()
 
@@ -231,6 +239,7 @@ def make_executor(opts: ExecutorOptions, pipeline: list[Any], *, tasks: int, wor
                   depends: Any = None, job_name: str = "nanophi") -> Any:
     """The datatrove executor of `opts.kind` for `pipeline` (not run). Refuses in one line an executor this
     machine cannot drive: no `sbatch` on PATH, or ray not installed."""
+    opts.check_available()
     if opts.kind == "local":
         from datatrove.executor import LocalPipelineExecutor
 
@@ -238,8 +247,6 @@ def make_executor(opts: ExecutorOptions, pipeline: list[Any], *, tasks: int, wor
         return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logging_dir,
                                      depends=depends, start_method="fork")
     if opts.kind == "slurm":
-        if shutil.which("sbatch") is None:
-            raise UserError("--executor slurm submits with sbatch, which is not on PATH: run on a Slurm login node")
         from datatrove.executor import SlurmPipelineExecutor
 
         env = opts.env_command or (f"source {sys.prefix}/bin/activate" if sys.prefix != sys.base_prefix else None)
@@ -247,8 +254,6 @@ def make_executor(opts: ExecutorOptions, pipeline: list[Any], *, tasks: int, wor
                                      partition=opts.partition, cpus_per_task=opts.cpus_per_task,
                                      mem_per_cpu_gb=opts.mem_per_cpu_gb, job_name=job_name,
                                      logging_dir=logging_dir, depends=depends, env_command=env)
-    if importlib.util.find_spec("ray") is None:
-        raise UserError("--executor ray needs ray, which is not installed: pip install 'ray[default]'")
     from datatrove.executor import RayPipelineExecutor
 
     return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, depends=depends,
