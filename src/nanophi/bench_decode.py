@@ -2,7 +2,6 @@
 generate`), the loss of a --dtype/--quantize mode's decoding beside fp32's (`decode_loss`), and transformers'
 `generate` on the same weights as a baseline. The llama.cpp comparison is in nanophi.bench."""
 
-
 from __future__ import annotations
 
 import time
@@ -14,6 +13,7 @@ import torch
 from nanophi.engine import Engine, load_model_for_inference, parse_dtype
 from nanophi.errors import UserError
 from nanophi.model import GPT
+
 
 def bench_generate(
     model_ref: str | Path | tuple[GPT, Any],

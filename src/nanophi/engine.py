@@ -316,6 +316,7 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A --dtype name (or a torch.dtype) as a torch.dtype; a UserError naming the choices for anything else."""
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -6,7 +6,6 @@ The generation itself is nanophi.engine (`Engine`); sampling settings are nanoph
 engine decodes with (StreamingLinear, int8, int4) are nanophi.quantize.
 """
 
-
 from __future__ import annotations
 
 import argparse

@@ -3,7 +3,6 @@
 (`QuantLinear`, `quantize="int4"`); elsewhere copies in the matmul dtype. Decoding a few rows reads every weight
 once per token, so the bytes per weight bound it; the residual stream, norms and embeddings stay fp32."""
 
-
 from __future__ import annotations
 
 import copy

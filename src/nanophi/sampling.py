@@ -2,7 +2,6 @@
 (`sample_logits`) or per row (`Sampling` settings, drawn by a `RowSampler`), and the checks that turn meaningless
 settings into one clear error. Used by the engine (nanophi.engine), the server and the harness."""
 
-
 from __future__ import annotations
 
 import math
