@@ -203,3 +203,17 @@ def test_local_teacher_seeds_each_prompt_and_cuts_at_a_stop_string():
     stop = both[0][3:5]
     cut = teacher.complete(["ab"], 12, 1.0, seed=[5], stop=[stop])
     assert cut == [both[0][:both[0].find(stop)]]
+
+
+def test_yield_command_writes_the_table_per_n(server, tmp_path):
+    _, url = server
+    out = tmp_path / "yield.json"
+    assert b.main(["yield", "--out", str(out), "--strategies", "exercise-v2", "--prompts", "3", "--n", "4",
+                   "--teacher", f"openai:{url}", "--teacher-model", "tiny", "--cache", str(tmp_path / "c.jsonl")]) == 0
+    table = json.loads(out.read_text())["strategies"]["exercise-v2"]
+    assert [row["n"] for row in table["as_written"]] == [1, 2, 4]
+    assert table["repaired"][-1]["prompts_verified"] == len(table["verified"]) > 0
+    fractions = [row["fraction_prompts_verified"] for row in table["repaired"]]
+    assert fractions == sorted(fractions)  # best-of-k never verifies fewer prompts than best-of-(k-1)
+    assert b.main(["yield", "--out", str(out), "--strategies", "nope", "--teacher", f"openai:{url}",
+                   "--teacher-model", "tiny"]) == 2

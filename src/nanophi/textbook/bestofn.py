@@ -413,7 +413,7 @@ def run_yield(args: argparse.Namespace) -> dict[str, Any]:
                                    repair=True, stop_on="raw", cache=cache)
             per[s]["seconds"] += time.perf_counter() - t
         rounds = j
-    ns = [k for k in NS if k <= rounds]
+    ns = [k for k in NS if k <= rounds] + ([rounds] if rounds and rounds not in NS else [])  # and the last round
     table: dict[str, Any] = {}
     for s in strategies:
         cands = [c for r in results[s] for c in r["candidates"]]
@@ -491,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--prompts and --n must be >= 1")
         if not args.temperature > 0:
             raise UserError("--temperature must be > 0 for best-of-n")
+        if getattr(args, "max_minutes", None) is not None and not args.max_minutes > 0:
+            raise UserError("--max-minutes must be > 0")
         if args.command == "yield":
             out = run_yield(args)
             for s, t in out["strategies"].items():
