@@ -189,7 +189,7 @@ def test_best_of_n_through_an_openai_compatible_server(server, tmp_path, capsys)
 def test_local_teacher_seeds_each_prompt_and_cuts_at_a_stop_string():
     import torch
 
-    from nanophi.generate import Engine
+    from nanophi.engine import Engine
     from nanophi.model import PRESETS, GPT, GPTConfig
     from nanophi.tokenizer import CharTokenizer
 
