@@ -458,3 +458,24 @@ def test_a_separate_teacher_run_is_reported_with_its_sampled_pass_at_10() -> Non
     assert "artifacts/teacher/full" in rows and "best loss" in rows
     with pytest.raises(UserError, match="--teacher-result"):
         run_experiment("test", "/nonexistent/out", teacher=None, teacher_result="/nonexistent/metrics.json")
+
+
+def test_a_subset_of_arms_resumes_and_reports_only_those(experiment: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    """`--arms A,A_small,B`: the measured arms are read back, the report says which arms were left out, and only
+    the directions between arms that ran are given."""
+    import shutil
+
+    from nanophi.textbook.experiment_report import directions
+
+    out = tmp_path / "out"
+    shutil.copytree(experiment[0], out)
+    results = run_experiment("test", out, data_dir=experiment[1], teacher=None, arms=["B", "A", "A_small"])
+    assert list(results["arms"]) == ["A", "A_small", "B"] and results["resumed_models"] == 3 * PRESETS["test"].seeds
+    assert results["arms"]["B"] == experiment[2]["arms"]["B"]
+    assert results["arms_left_out"] == ["B+C", "(B+C)->D", "A->D"]
+    assert {(d["better"], d["worse"]) for d in directions(results)} == {("B", "A"), ("B", "A_small"), ("A", "A_small")}
+    assert "Arms not run here: B+C, (B+C)->D, A->D" in (out / "report.md").read_text()
+    with pytest.raises(UserError, match="add B\\+C to --arms"):
+        run_experiment("test", out, data_dir=experiment[1], teacher=None, arms=["A", "(B+C)->D"])
+    with pytest.raises(UserError, match="unknown arm"):
+        run_experiment("test", out, data_dir=experiment[1], teacher=None, arms=["C"])

@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,13 +236,15 @@ def _load_student(run_dir: Path, device: str) -> Any:
 
 def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Path | None = None,
                    teacher: str | None = DEFAULT_TEACHER, seeds: int | None = None,
-                   teacher_result: str | Path | None = None) -> dict[str, Any]:
+                   teacher_result: str | Path | None = None, arms: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the results (also written to OUT/results.json).
 
     `teacher`: the model that writes the data when `data_dir` is None, and the one Jina's experiment
     fine-tunes; None skips the teacher experiment (then `data_dir` is required). `teacher_result`: the
     metrics.json of a separate Jina's-experiment run (`python -m nanophi.textbook.experiment_finetune`, on the
-    same mined exercise set) reported in place of running the fine-tune here, which is hours on a CPU."""
+    same mined exercise set) reported in place of running the fine-tune here, which is hours on a CPU. `arms`: a
+    subset of ARMS to train and report (a fine-tuned arm needs its base); the rest are left out of results.json
+    and the directions that need them are not reported. A later call with more arms resumes the measured ones."""
     from nanophi.textbook.experiment_eval import measure
     from nanophi.textbook.experiment_finetune import encode_examples, finetune_masked
     from nanophi.textbook.experiment_report import aggregate, write_report
@@ -255,6 +258,14 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
         if seeds < 1:
             raise UserError(f"--seeds must be >= 1, got {seeds}")
         preset = dataclasses.replace(preset, seeds=seeds)
+    chosen = tuple(ARMS if arms is None else arms)
+    unknown = [a for a in chosen if a not in ARMS]
+    if unknown or not chosen:
+        raise UserError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARMS)}")
+    orphans = [a for a in chosen if a in BASE_OF and BASE_OF[a] not in chosen]
+    if orphans:
+        raise UserError(f"arm {orphans[0]} fine-tunes {BASE_OF[orphans[0]]}; add {BASE_OF[orphans[0]]} to --arms")
+    chosen = tuple(a for a in ARMS if a in chosen)  # bases before the arms fine-tuned from them
     if teacher_result is not None and not Path(teacher_result).is_file():
         raise UserError(f"--teacher-result {teacher_result} is not a file; give the metrics.json written by "
                         "`python -m nanophi.textbook.experiment_finetune OUT CACHE`")
@@ -306,11 +317,11 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
     ft_steps = preset.ft_steps(len(ft_examples))
 
     t0 = time.perf_counter()
-    per_arm: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+    per_arm: dict[str, list[dict[str, Any]]] = {arm: [] for arm in chosen}
     resumed = 0  # models measured by an earlier invocation: their time is not in this one's timings
     for k in range(preset.seeds):
         seed = 1000 + k
-        for arm in ARMS:
+        for arm in chosen:
             run_dir = out / "runs" / ARM_DIRS[arm] / f"seed{k}"
             done = run_dir / "eval.json"
             if done.is_file():
@@ -370,8 +381,10 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
                  "tokenizer_vocab": tokenizer.vocab_size,
                  "arm_tokens": {arm: int(p.meta["train_tokens"]) for arm, p in prepared.items()}},
         "budget": {"pretrain_tokens": preset.pretrain_tokens(), "finetune_steps": ft_steps,
-                   "finetune_tokens": per_arm["A->D"][0]["finetune_tokens"] if per_arm["A->D"] else 0},
-        "humaneval_problems": len(humaneval), "timings": timings, "machine": machine, "resumed_models": resumed,
+                   "finetune_tokens": next((rows[0]["finetune_tokens"] for arm, rows in per_arm.items()
+                                            if arm in BASE_OF and rows), 0)},
+        "humaneval_problems": len(humaneval), "arms_left_out": [a for a in ARMS if a not in chosen],
+        "timings": timings, "machine": machine, "resumed_models": resumed,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, out)
@@ -513,6 +526,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model that writes the data and is fine-tuned in Jina's experiment (default "
                              f"{DEFAULT_TEACHER}); 'none' skips the teacher experiment")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
+    parser.add_argument("--arms", default=None, metavar="A,B,...",
+                        help=f"train and report only these arms (default: all of {', '.join(ARMS)})")
     parser.add_argument("--teacher-result", default=None, metavar="METRICS_JSON",
                         help="report this Jina's-experiment run (metrics.json of `python -m "
                              "nanophi.textbook.experiment_finetune`) instead of fine-tuning the teacher here")
@@ -521,7 +536,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     teacher = None if str(args.teacher).lower() == "none" else args.teacher
     results = run_experiment(args.preset, args.out, data_dir=args.data_dir, teacher=teacher, seeds=args.seeds,
-                             teacher_result=args.teacher_result)
+                             teacher_result=args.teacher_result,
+                             arms=None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()])
     from nanophi.textbook.experiment_report import summary_table
 
     print(summary_table(results))

@@ -276,6 +276,9 @@ def ablation_table(results: dict[str, Any]) -> str:
     lines = ["| arm | paper (350M): HumanEval % | paper: training length | ours: HumanEval greedy % | ours: pass@10 % | "
              "ours: passes | ours: HumanEval bpb |", "|---|---|---|---|---|---|---|"]
     for name, (paper, length) in PAPER_ABLATION.items():
+        if name not in arms:  # left out of this run (--arms)
+            lines.append(f"| {name} | {paper} | {length} | not run | – | – | – |")
+            continue
         arm = arms[name]
         passes = arm.get("data", {}).get("passes")
         lines.append(f"| {name} | {paper} | {length} | {_cell(arm, 'humaneval_pass@1')} | "
@@ -455,7 +458,7 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> dict[str, Path]:
 def _setup(results: dict[str, Any]) -> list[str]:
     """The setup bullets (report.md and docs/case_study.md)."""
     cfg, data, arms = results["config"], results["data"], results["arms"]
-    params = arms["A"]["seeds"][0]["params"] if arms["A"]["seeds"] else 0
+    params = _params(arms)
     budget = results["budget"]
     samples = cfg.get("samples", 0)
     return [
@@ -473,8 +476,14 @@ def _setup(results: dict[str, Any]) -> list[str]:
         f"{data['n_train_exercises']} for training + {data['n_heldout_exercises']} held out (by source: training "
         f"{_sources(data, 'train')}; held out {_sources(data, 'heldout')}); held-out raw code "
         f"{data['n_heldout_code_docs']} documents ({data['chars']['heldout_code']:,} chars).",
-        f"- Exercises from the teacher: {_teacher_exercises(data)}; from the stdlib's doctests: "
-        f"{data.get('exercises', {}).get('extra', 0)} verified (see `experiment_exercises.py`). Arm B is the top "
+        f"- Exercises from the teacher: {_teacher_exercises(data)}; "
+        + (f"the rest are the mined exercise set (`experiment_exercises.exercise_set`: doctest exercises from the "
+           f"stdlib and site-packages, each verified in the sandbox, decontaminated and deduplicated, "
+           f"{data['exercise_set']['train']} + {data['exercise_set']['heldout']} split by a hash of the id; "
+           f"training exercises within τ of a held-out one are dropped). " if data.get("exercise_set") else
+           f"from the stdlib's doctests: {data.get('exercises', {}).get('extra', 0)} verified (see "
+           f"`experiment_exercises.py`). ")
+        + f"Arm B is the top "
         f"{_pct(data.get('filter_keep'))} % of the pool by the filter's score (P ≥ {_num(data.get('filter_p_cut'))}; "
         f"the pipeline's own threshold kept {data.get('filter_kept_by_pipeline', '–')} documents).",
         f"- Evaluation: greedy completions ({cfg['max_new_tokens']} new tokens max, HumanEval stop sequences) on "
@@ -485,12 +494,17 @@ def _setup(results: dict[str, Any]) -> list[str]:
         "solutions given their prompts" + (f", also at {cfg['curve_points']} points during pretraining (the curves)."
                                            if cfg.get("curve_points") else "."),
         f"- Wall time: {wall_time(results)}",
-    ]
+    ] + ([f"- **Arms not run here: {', '.join(results['arms_left_out'])}** (`--arms`); the directions that need "
+          "them are not reported."] if results.get("arms_left_out") else [])
+
+
+def _params(arms: dict[str, Any]) -> int:
+    return next((a["seeds"][0]["params"] for a in arms.values() if a["seeds"]), 0)
 
 
 def report_markdown(results: dict[str, Any], figs: dict[str, Path], root: Path) -> str:
     cfg, data, arms = results["config"], results["data"], results["arms"]
-    params = arms["A"]["seeds"][0]["params"] if arms["A"]["seeds"] else 0
+    params = _params(arms)
     dirs = directions(results)
     rel = {k: p.relative_to(root).as_posix() for k, p in figs.items()}
     t = results["teacher_finetune"]
