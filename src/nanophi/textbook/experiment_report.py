@@ -652,7 +652,7 @@ def _limitations(results: dict[str, Any], params: int) -> list[str]:
         f"10^{math.log10(50e9 / max(1, tokens)):.0f} times fewer tokens than phi-1-base. "
         "Models this size rarely complete a HumanEval problem, so pass@1 mostly reads 0 and the directions are judged "
         "on bits per byte and the held-out exercises as much as on pass@1.",
-        f"- **Compute.** CPU only ({_compute_s(results) / 60:.0f} minutes of students for this run); the `full` "
+        f"- **Compute.** CPU only ({_compute_s(results) / 60:.0f} minutes in all for this run); the `full` "
         "preset is sized for one GPU and was not run here.",
         f"- **Resolution.** One HumanEval problem is {HUMANEVAL_STEP:.2f} points; with {n_he} problems a 95 % "
         f"interval around 5 % spans {100 * lo5:.1f}–{100 * hi5:.1f} %. The held-out exercise set is "
