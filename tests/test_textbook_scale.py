@@ -281,3 +281,20 @@ def test_kill_9_mid_stage_then_rerun_loses_and_duplicates_nothing(tmp_path):
     got, want = ids(out), ids(tmp_path / "one.jsonl")
     assert got == want and len(set(got)) == len(got) == 3000
     assert not list(out.glob(".*.tmp"))  # what the killed tasks were writing is gone
+
+
+def test_verify_takes_the_executor_options(tmp_path, monkeypatch):
+    """verify --tasks N --executor slurm: the same options and the same one-line refusal as the other stages."""
+    import argparse
+    import shutil
+
+    from nanophi.textbook.verify import add_verify_arguments, run_verify
+
+    parser = argparse.ArgumentParser()
+    add_verify_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--tasks", "2",
+                              "--executor", "slurm", "--partition", "cpu"])
+    assert (args.executor, args.partition) == ("slurm", "cpu")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="sbatch, which is not on PATH"):
+        run_verify(args)

@@ -200,11 +200,11 @@ def run_pipeline(out: str | os.PathLike, preset: str | Preset = "tiny", *, seed:
         gen[kind] = stage(f"generate-{kind}", {"n": n, "seed": seed, "max_tokens": tokens, "teacher": teacher_name},
                           [raw], lambda kind=kind, n=n, tokens=tokens: generate.generate(
                               kind, n, out, get_teacher(), seed=seed, max_tokens=tokens))
-        # verify's --workers is programs at once; its tasks run here whatever the executor (it takes no other)
+        # verify's --workers is programs at once: with --tasks, datatrove tasks at once, each one program at a time
         ver[kind] = stage(f"verify-{kind}", {"version": verify.VERIFY_VERSION, "input_n": gen[kind]["n_out"],
                                              "tasks": tasks}, [checked],
                           lambda raw=raw, checked=checked: verify.verify_sharded(
-                              raw, checked, tasks=tasks, workers=workers)
+                              raw, checked, tasks=tasks, workers=workers, executor=executor)
                           if sharded else verify.verify(raw, checked))
 
     combined, deduped, final = out / "combined.jsonl", at("deduped"), out / "final.jsonl"

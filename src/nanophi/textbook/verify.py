@@ -329,17 +329,19 @@ class VerifyMapper:
 
 
 def verify_sharded(in_path: str | os.PathLike, out: str | os.PathLike, *, tasks: int, workers: int,
-                   timeout: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> dict[str, Any]:
+                   timeout: float = TIMEOUT_S, memory_mb: int = MEMORY_MB, executor: Any = None) -> dict[str, Any]:
     """`verify` over datatrove tasks: shards OUT/00000.jsonl..., removals in OUT/removed/.
 
     `workers` tasks run at once, each one program at a time, so `--workers` still means programs run at once.
     Resume is per shard (datatrove's completion markers) instead of the per-verdict OUT.checked.jsonl.
+    `executor`: scale.ExecutorOptions (local processes by default; Slurm or Ray as for the other stages).
     """
-    from nanophi.textbook.scale import run_map_stage
+    from nanophi.textbook.scale import LOCAL, run_map_stage
 
     _check_limits(timeout, memory_mb, workers)
     return run_map_stage("verify", in_path, out, VerifyMapper(timeout, memory_mb), tasks=tasks, workers=workers,
-                         params={"version": VERIFY_VERSION, "timeout_s": timeout, "memory_mb": memory_mb})
+                         params={"version": VERIFY_VERSION, "timeout_s": timeout, "memory_mb": memory_mb},
+                         executor=executor or LOCAL)
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -352,12 +354,22 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=int, default=1,
                         help="> 1: run as datatrove tasks into a folder of shards --out/00000.jsonl... (needs "
                              "nanophi[data])")
+    from nanophi.textbook.scale import add_executor_arguments
+
+    add_executor_arguments(parser)
 
 
 def run_verify(args: argparse.Namespace) -> int:
     if getattr(args, "tasks", 1) > 1:
+        from nanophi.textbook.scale import executor_from_args, submitted_message
+
+        executor = executor_from_args(args)
+        executor.check_available()
         stats = verify_sharded(args.input, args.out, tasks=args.tasks, workers=args.workers, timeout=args.timeout,
-                               memory_mb=args.memory_mb)
+                               memory_mb=args.memory_mb, executor=executor)
+        if (line := submitted_message(stats, args.out)) is not None:
+            print(line)
+            return 0
         print(f"verify: kept {stats['n_out']} of {stats['n_in']} -> {args.out}/ ({args.tasks} shards)")
         return 0
     stats = verify(args.input, args.out, timeout=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
