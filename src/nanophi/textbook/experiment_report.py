@@ -312,9 +312,8 @@ def wall_time(results: dict[str, Any]) -> str:
                  f"and {m['load_avg_5min_end']} at the end (other jobs shared the cores)")
     resumed = results.get("resumed_models")
     if resumed:
-        own = sum(r.get("seconds", 0) for a in results["arms"].values() for r in a["seeds"])
         text += (f"; {resumed} models were measured by an earlier invocation and resumed (the models' own times, "
-                 f"training and evaluation, sum to {own:.0f} s)")
+                 f"training and evaluation, sum to {_models_s(results):.0f} s)")
     return text + "."
 
 
@@ -502,8 +501,11 @@ def _setup(results: dict[str, Any]) -> list[str]:
 
 def _compute_s(results: dict[str, Any]) -> float:
     """This invocation's wall time, or the models' own seconds when they were measured by an earlier one."""
-    own = sum(r.get("seconds", 0) for a in results["arms"].values() for r in a["seeds"])
-    return max(results["timings"]["total_s"], own)
+    return max(results["timings"]["total_s"], _models_s(results))
+
+
+def _models_s(results: dict[str, Any]) -> float:
+    return sum(r.get("seconds", 0) for a in results["arms"].values() for r in a["seeds"])
 
 
 def _params(arms: dict[str, Any]) -> int:
