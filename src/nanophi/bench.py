@@ -4,6 +4,8 @@
     nanophi bench prepare --data book.txt --megabytes 100 --tokenizer bpe
     nanophi bench generate --model runs/book --batch-size 8 --new-tokens 128 [--compare-hf]
     nanophi bench generate --model smollm2 --compare llama.cpp --threads 1 --new-tokens 64 --rounds 3
+    nanophi bench generate --model smollm2-135m-instruct --compare llama.cpp --batch-size 8 --new-tokens 32
+    nanophi bench serve --model smollm2-135m-instruct --clients 16 --max-tokens 32
 
 `bench train` times the real `Trainer.train_step` (the same code `nanophi train` runs: lr schedule, autocast,
 backward, clipping, optimizer), after warm-up steps that absorb one-off costs (torch.compile, allocator, thread
@@ -14,7 +16,6 @@ benchmarked exactly as it trains. Every command prints `key: value` lines, or on
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -158,13 +159,15 @@ def _grow_corpus(source: str | None, megabytes: float, root: Path) -> Path:
 
 def bench_generate_cmd(args: argparse.Namespace) -> dict[str, Any]:
     """`nanophi.bench_decode.bench_generate` (the KV-cache engine's benchmark) with the command's flags, or with
-    --compare llama.cpp, `bench_compare_llama_cpp`."""
+    --compare llama.cpp, `nanophi.bench_llama.bench_compare_llama_cpp` (at --batch-size B: B sequences each)."""
     from nanophi.bench_decode import bench_generate
 
     if args.compare == "llama.cpp":
+        from nanophi.bench_llama import bench_compare_llama_cpp
+
         return bench_compare_llama_cpp(args.model, threads=args.threads or 1, rounds=args.rounds,
                                        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                                       pairs=[p for p in args.pairs.split(",") if p])
+                                       pairs=[p for p in args.pairs.split(",") if p], batch_size=args.batch_size)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -173,200 +176,11 @@ def bench_generate_cmd(args: argparse.Namespace) -> dict[str, Any]:
                           device=args.device, repeats=args.repeats, quantize=args.quantize, quality=args.quality)
 
 
-# --- bench generate --compare llama.cpp ----------------------------------------------------------------------
-# Each nanophi mode beside the llama.cpp file type with the same bits per weight: (nanophi --quantize, GGUF type
-# name, llama_ftype). llama.cpp's own quantizer makes the Q8_0/Q4_1 files from an F32 export of the same weights,
-# unless --model is a GGUF already of that type (SmolLM2's shipped file is Q4_1): then that file is used as is.
-LLAMA_PAIRS: dict[str, tuple[str | None, str, int]] = {"fp32": (None, "F32", 0), "int8": ("int8", "Q8_0", 7),
-                                                        "int4": ("int4", "Q4_1", 3)}
-LLAMA_CPP_PIP = "pip install llama-cpp-python==0.3.36"
-
-
-def _import_llama_cpp() -> Any:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise UserError(f"--compare llama.cpp needs llama-cpp-python, which is not installed: {LLAMA_CPP_PIP} "
-                        "(or drop --compare)") from None
-    return llama_cpp
-
-
-def _gguf_source(model_ref: str) -> Path | None:
-    """The GGUF file --model names (a path or the SmolLM2 alias), else None."""
-    from nanophi.refs import SMOLLM2_ALIAS, smollm2_path
-
-    if str(model_ref).lower() == SMOLLM2_ALIAS:
-        return smollm2_path()
-    path = Path(model_ref)
-    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
-
-
-def _llama_files(model: Any, tokenizer: Any, source: Path | None, pairs: list[str], tmp: Path,
-                 llama_cpp: Any) -> dict[str, Path]:
-    """One GGUF per pair: the source file where its type matches, else llama.cpp's quantization of an F32
-    export (nanophi's exporter) of exactly the weights nanophi runs."""
-    from nanophi.convert.gguf import read_gguf, write_gguf
-
-    source_type = int(read_gguf(source).metadata.get("general.file_type", -1)) if source else None
-    files: dict[str, Path] = {}
-    f32 = tmp / "F32.gguf"
-    for pair in pairs:
-        _, name, ftype = LLAMA_PAIRS[pair]
-        if source is not None and source_type == ftype:
-            files[pair] = source
-            continue
-        if not f32.exists():
-            write_gguf(model, tokenizer, f32, "f32")
-        if ftype == 0:
-            files[pair] = f32
-            continue
-        out = tmp / f"{name}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.nthread = torch.get_num_threads()
-        from llama_cpp._utils import suppress_stdout_stderr
-
-        with suppress_stdout_stderr(disable=False):  # its C code logs every tensor to stdout
-            code = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params))
-        if code != 0:
-            raise UserError(f"llama.cpp could not quantize the exported model to {name}; compare --pairs without "
-                            f"{pair}")
-        files[pair] = out
-    return files
-
-
-class _LlamaRunner:
-    """Greedy decoding with llama-cpp-python's low-level calls: the prompt in one batch, then one token per call,
-    the next token the argmax of the last logits (what nanophi's greedy engine does), so both sides do the same
-    work and Python's share is one call per token on each."""
-
-    def __init__(self, llama_cpp: Any, path: Path, n_ctx: int, n_batch: int, threads: int) -> None:
-        import numpy as np
-
-        self.np, self.llama_cpp = np, llama_cpp
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=False, verbose=False)
-        self.n_vocab = self.llm.n_vocab()
-
-    def _next(self) -> int:
-        logits = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return int(self.np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
-
-    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
-        """(prefill seconds, decode seconds for new_tokens - 1 tokens, the new token ids)."""
-        self.llm.reset()
-        t0 = time.perf_counter()
-        self.llm.eval(prompt)
-        out = [self._next()]
-        t1 = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            self.llm.eval([out[-1]])
-            out.append(self._next())
-        return t1 - t0, time.perf_counter() - t1, out
-
-
-def _nanophi_run(engine: Any, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
-    """(prefill seconds incl. the first token, decode seconds for the rest, the new token ids): one greedy
-    generation, the first token's arrival timed by the streaming callback."""
-    first: list[float] = []
-    t0 = time.perf_counter()
-    ids = engine.generate_ids([prompt], new_tokens, temperature=0,
-                              on_token=lambda i, new: first.append(time.perf_counter()) if len(new) == 1 else None)
-    return first[0] - t0, time.perf_counter() - first[0], ids[0]
-
-
-def _spread(xs: list[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(xs), 2), "min": round(min(xs), 2), "max": round(max(xs), 2)}
-
-
-def bench_compare_llama_cpp(
-    model_ref: str | tuple[Any, Any],
-    threads: int = 1,
-    rounds: int = 3,
-    prompt_tokens: int = 64,
-    new_tokens: int = 64,
-    pairs: Sequence[str] = tuple(LLAMA_PAIRS),
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Batch-1 greedy decode tokens/s of nanophi and llama.cpp (llama-cpp-python) in one process: the same
-    weights at the same bits per pair (fp32/F32, int8/Q8_0, int4/Q4_1), the same random prompt, `threads`
-    threads each, in `rounds` interleaved rounds (their order alternating) so a shared machine's load hits both
-    alike. Per pair: tok/s and prefill ms of each (median, min, max over rounds), the ratio nanophi/llama.cpp
-    per round, and how many of the greedy tokens agree."""
-    from nanophi.engine import Engine, load_model_for_inference
-
-    llama_cpp = _import_llama_cpp()
-    unknown = [p for p in pairs if p not in LLAMA_PAIRS]
-    if unknown or not pairs:
-        raise UserError(f"--pairs takes a comma list of {', '.join(LLAMA_PAIRS)}, got {','.join(pairs)!r}")
-    if threads < 1 or rounds < 1 or prompt_tokens < 1 or new_tokens < 2:
-        raise UserError("--compare llama.cpp needs --threads >= 1, --rounds >= 1, --prompt-tokens >= 1 and "
-                        "--new-tokens >= 2")
-    torch.set_num_threads(threads)
-    model, tokenizer = model_ref if isinstance(model_ref, tuple) else load_model_for_inference(model_ref, "cpu")
-    model.eval()
-    if prompt_tokens + new_tokens > model.config.block_size:
-        raise UserError(f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} > the model's context "
-                        f"{model.config.block_size}; ask for fewer")
-    prompt = torch.randint(0, model.config.vocab_size, (prompt_tokens,),
-                           generator=torch.Generator().manual_seed(seed)).tolist()
-    load_start = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="nanophi-bench-llama-") as d:
-        source = None if isinstance(model_ref, tuple) else _gguf_source(model_ref)
-        files = _llama_files(model, tokenizer, source, list(pairs), Path(d), llama_cpp)
-        sides = {p: (Engine(model, tokenizer, "cpu", torch.float32, LLAMA_PAIRS[p][0]),
-                     _LlamaRunner(llama_cpp, files[p], prompt_tokens + new_tokens + 8, max(prompt_tokens, 8),
-                                  threads)) for p in pairs}
-    times: dict[str, dict[str, list[float]]] = {p: {k: [] for k in ("ours", "theirs", "ours_pre", "theirs_pre")}
-                                                for p in pairs}
-    same: dict[str, int] = {}
-    for engine, llama in sides.values():  # warm-up: thread pools, first-call kernel setup
-        _nanophi_run(engine, prompt, 4)
-        llama.run(prompt, 4)
-    for r in range(rounds):
-        for p in pairs:
-            engine, llama = sides[p]
-            order = [("ours", lambda: _nanophi_run(engine, prompt, new_tokens)),
-                     ("theirs", lambda: llama.run(prompt, new_tokens))]
-            results = {}
-            for side, fn in order if r % 2 == 0 else order[::-1]:
-                pre, dec, ids = fn()
-                times[p][side].append((new_tokens - 1) / dec)
-                times[p][side + "_pre"].append(1000 * pre)
-                results[side] = ids
-            same[p] = next((i for i, (a, b) in enumerate(zip(results["ours"], results["theirs"])) if a != b),
-                           new_tokens)
-    result: dict[str, Any] = {
-        "model": "(in memory)" if isinstance(model_ref, tuple) else str(model_ref), "threads": threads,
-        "rounds": rounds, "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens, "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
-        "cpu_flags": _cpu_flags(),
-    }
-    for p in pairs:
-        t = times[p]
-        ratios = [a / b for a, b in zip(t["ours"], t["theirs"])]
-        result[p] = {"llama_cpp_type": LLAMA_PAIRS[p][1], "file": files[p].name,
-                     "nanophi_tok_s": _spread(t["ours"]), "llama_cpp_tok_s": _spread(t["theirs"]),
-                     "ratio": _spread(ratios),  # nanophi / llama.cpp, per round: > 1 means nanophi is faster
-                     "nanophi_prefill_ms": _spread(t["ours_pre"]), "llama_cpp_prefill_ms": _spread(t["theirs_pre"]),
-                     "greedy_tokens_agree": same[p]}  # leading tokens both picked alike (of new_tokens)
-    result["load_avg_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]  # at the start and the end
-    return result
-
-
-def _cpu_flags() -> str:
-    """The CPU features that decide these numbers (Linux /proc/cpuinfo; "" elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return " ".join(f for f in wanted if f in flags)
-
-
 # --- CLI -----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from nanophi import bench_serve
+    from nanophi.bench_llama import LLAMA_PAIRS
+
     sub = parser.add_subparsers(dest="bench", metavar="WHAT")
     p = sub.add_parser("train", help="tokens/s, ms/iter and MFU of training steps",
                        description="Time Trainer.train_step; accepts every model/training flag of `nanophi train`.")
@@ -405,8 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also time Hugging Face generate on the same weights (needs transformers)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: cpu)")
     p.add_argument("--compare", choices=["llama.cpp"], default=None,
-                   help="time llama.cpp (llama-cpp-python) beside nanophi in one process: batch 1, greedy, "
-                        "interleaved rounds, the same weights per pair (fp32/F32, int8/Q8_0, int4/Q4_1)")
+                   help="time llama.cpp (llama-cpp-python) beside nanophi in one process: --batch-size "
+                        "sequences in parallel on both, greedy, interleaved rounds, the same weights per pair "
+                        "(fp32/F32, int8/Q8_0, int4/Q4_1)")
     p.add_argument("--pairs", default=",".join(LLAMA_PAIRS),
                    help=f"--compare: precision pairs to time (default: {','.join(LLAMA_PAIRS)})")
     p.add_argument("--rounds", type=int, default=3, help="--compare: interleaved rounds (default: 3)")
@@ -414,6 +229,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch.set_num_threads, and llama.cpp's n_threads with --compare (default: torch's "
                         "choice; 1 with --compare)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of key: value lines")
+
+    p = sub.add_parser("serve", help="tokens/s of `nanophi serve` under concurrent clients vs the engine's batch",
+                       description=bench_serve.__doc__.split("\n\n")[0])
+    bench_serve.add_arguments(p)
 
 
 def train_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -424,11 +243,15 @@ def train_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     if args.bench is None:
-        raise UserError("say what to benchmark: nanophi bench train|prepare|generate (see nanophi bench -h)")
+        raise UserError("say what to benchmark: nanophi bench train|prepare|generate|serve (see nanophi bench -h)")
     if args.bench == "train":
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         result = bench_train(train_config_from_args(args), args.iters, args.warmup)
+    elif args.bench == "serve":
+        from nanophi.bench_serve import bench_serve_cmd
+
+        result = bench_serve_cmd(args)
     elif args.bench == "prepare":
         if args.megabytes <= 0:
             raise UserError(f"--megabytes must be > 0, got {args.megabytes}")

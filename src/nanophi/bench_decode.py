@@ -1,9 +1,11 @@
 """Decode benchmarks of the engine: tokens/s and prefill time (`bench_generate`, behind `nanophi bench
 generate`), the loss of a --dtype/--quantize mode's decoding beside fp32's (`decode_loss`), and transformers'
-`generate` on the same weights as a baseline. The llama.cpp comparison is in nanophi.bench."""
+`generate` on the same weights as a baseline, and what every decode benchmark reports beside its numbers (the
+CPU's flags, spreads over rounds). The llama.cpp comparison is in nanophi.bench_llama, serving in nanophi.bench_serve."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -139,3 +141,19 @@ def _bench_hf(model: GPT, tokenizer: Any, prompts: list[list[int]], new_tokens: 
         out[f"{name}_decode_tok_s"] = round(len(batch) * (new_tokens - 1) / max(total - prefill, 1e-9), 1)
     return out
 
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median, min and max of per-round numbers: on a shared machine the range says more than one value."""
+    return {"median": round(statistics.median(xs), 2), "min": round(min(xs), 2), "max": round(max(xs), 2)}
+
+
+def cpu_flags() -> str:
+    """The CPU features that decide these numbers (Linux /proc/cpuinfo; "" elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in flags)
