@@ -217,3 +217,20 @@ def test_yield_command_writes_the_table_per_n(server, tmp_path):
     assert fractions == sorted(fractions)  # best-of-k never verifies fewer prompts than best-of-(k-1)
     assert b.main(["yield", "--out", str(out), "--strategies", "nope", "--teacher", f"openai:{url}",
                    "--teacher-model", "tiny"]) == 2
+
+
+def test_solution_problems_never_draw_a_held_out_exercise(tmp_path):
+    # An exercise set as experiment_exercises.exercise_set writes it: a key line, then one exercise per line.
+    drawn = b.mined_problems(2, seed=3)
+    assert len(drawn) == 2
+    held = drawn[0].fields["source_id"]
+    cache = tmp_path / "exercises.jsonl"
+    cache.write_text(json.dumps({"key": {"version": 0}, "counts": {}}) + "\n"
+                     + json.dumps({"id": held, "split": "heldout"}) + "\n"
+                     + json.dumps({"id": drawn[1].id, "split": "train"}) + "\n")
+    assert b.heldout_ids(cache) == {held}
+    again = b.problems_for("solution", 2, 3, cache)
+    assert held not in {p.id for p in again} and drawn[1].id in {p.id for p in again}
+    with pytest.raises(b.UserError, match="--exercise-set"):
+        b.problems_for("solution", 2, 3, None)  # no exercise set, no solution problems
+    assert b.main(["generate", "--out", str(tmp_path / "k.jsonl"), "--strategy", "solution"]) == 2

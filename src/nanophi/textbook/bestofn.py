@@ -22,30 +22,28 @@ temperature > 0 some of its samples do. Three things raise the yield, each measu
 `yield` reports, per strategy and n, the fraction of prompts with a verified exercise and verified exercises
 per generation (best-of-n stops asking a prompt once it has one), for answers taken as they are and repaired.
 Answers are cached in `--cache` (JSONL, appended per call), so a killed run resumes without asking again.
+The solution strategy takes `--exercise-set` (an experiment's exercises.jsonl) and never draws its held-out
+exercises. The checks and repairs of an answer live in `nanophi.textbook.repair`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import logging
 import os
-import re
 import sys
-import textwrap
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 from nanophi.errors import UserError
 from nanophi.textbook.records import append_jsonl, read_jsonl, record_id, write_jsonl_atomic
-from nanophi.textbook.verify import code_blocks, parse_exercise
+from nanophi.textbook.repair import Check, Problem, check, check_exercise, check_solution  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -59,36 +57,6 @@ TIMEOUT_S = 3.0
 MEMORY_MB = 512
 WORKERS = 4  # threads only wait on sandboxed processes
 MAX_PROBLEM_CHARS = 900  # solution-only: a short problem leaves the small teacher's context for the answer
-CODE_START = re.compile(r"^(def |async def |class |import |from |@)")
-EXAMPLE_NAME = "count_evens"  # the worked example of the exercise templates
-
-
-@dataclass
-class Problem:
-    """One prompt. Exercise mode: the teacher writes function + asserts. Solution mode: `header` (imports,
-    signature, docstring) and `tests` are given, the teacher writes the function."""
-
-    id: str
-    strategy: str
-    name: str
-    prompt: str
-    header: str | None = None
-    tests: str | None = None
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Check:
-    """What a candidate answer comes to before it runs: the program, or the reason there is none."""
-
-    reason: str  # "ok" or why not
-    solution: str = ""
-    tests: str = ""
-    problem: str = ""
-    repairs: tuple[str, ...] = ()
-
-    def program(self) -> str:
-        return f"{self.solution}\n\n\n{self.tests}\n"
 
 
 # ---------------------------------------------------------------------------------------------- problems
@@ -106,14 +74,28 @@ def solution_prompt(header: str) -> str:
     return template.read_text(encoding="utf-8").strip().format(problem=header.rstrip())
 
 
-def mined_problems(n: int, seed: int = 0) -> list[Problem]:
+def heldout_ids(exercise_set: str | Path) -> frozenset[str]:
+    """The ids of the held-out exercises in an experiment's exercise set (its `exercises.jsonl` cache, built by
+    `experiment_exercises.exercise_set`): what best-of-n output that may be trained on must not contain."""
+    path = Path(exercise_set)
+    if not path.is_file():
+        raise UserError(f"--exercise-set {path} is not a file: give an experiment's exercises.jsonl (its held-out "
+                        "exercises are left out of the solution problems)")
+    rows = list(read_jsonl(path))
+    if not rows or "key" not in rows[0]:
+        raise UserError(f"--exercise-set {path} is not an exercise set (no header line with its key)")
+    return frozenset(r["id"] for r in rows[1:] if r.get("split") == "heldout")
+
+
+def mined_problems(n: int, seed: int = 0, exclude: frozenset[str] = frozenset()) -> list[Problem]:
     """n solution-only problems from the standard library's doctest exercises (signature + docstring with
     `>>>` examples; the test runs the examples), short ones only, in an order fixed by a hash of (seed, id),
-    each checked first: its own solution passes its test in the sandbox."""
+    each checked first: its own solution passes its test in the sandbox. Exercises whose id is in `exclude`
+    (the held-out split, `heldout_ids`) are never drawn, so what the teacher writes for them can be trained on."""
     from nanophi.textbook.experiment_data import verify_exercises
     from nanophi.textbook.experiment_exercises import doctest_exercises
 
-    found = [e for e in doctest_exercises() if len(e.prompt) <= MAX_PROBLEM_CHARS]
+    found = [e for e in doctest_exercises() if len(e.prompt) <= MAX_PROBLEM_CHARS and e.id not in exclude]
     found.sort(key=lambda e: hashlib.sha256(f"{seed}:{e.id}".encode()).hexdigest())
     kept: list[Any] = []
     for start in range(0, len(found), 2 * n):  # verify a few more than needed at a time
@@ -125,140 +107,16 @@ def mined_problems(n: int, seed: int = 0) -> list[Problem]:
                     tests=e.tests, fields={"source": e.source, "source_id": e.id}) for e in kept[:n]]
 
 
-def problems_for(strategy: str, n: int, seed: int = 0) -> list[Problem]:
+def problems_for(strategy: str, n: int, seed: int = 0, exercise_set: str | Path | None = None) -> list[Problem]:
+    """The problems of `strategy`; the solution strategy needs `exercise_set` to leave its held-out exercises out."""
     if strategy not in STRATEGIES:
         raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    return mined_problems(n, seed) if strategy == "solution" else exercise_problems(n, seed, strategy)
-
-
-# ------------------------------------------------------------------------------------------------ repair
-
-def _parses(src: str) -> ast.Module | None:
-    try:
-        return ast.parse(src)
-    except (SyntaxError, ValueError):
-        return None
-
-
-def _trim_tail(src: str) -> tuple[str, bool]:
-    """`src` without the fewest whole trailing lines that keep it from parsing (a token budget cuts mid-line)."""
-    lines = src.rstrip().splitlines()
-    for k in range(len(lines), 0, -1):
-        if _parses("\n".join(lines[:k])) is not None:
-            return "\n".join(lines[:k]), k < len(lines)
-    return src, False
-
-
-def _sources(text: str, repair: bool) -> list[tuple[str, tuple[str, ...]]]:
-    """(source, repairs) to try, best first. Without repair: the fenced blocks (or the bare answer) as they are."""
-    blocks = code_blocks(text)
-    out: list[tuple[str, tuple[str, ...]]] = [(b, ()) for b in (blocks or [text])]
-    if not repair:
-        return out
-    if not blocks:  # code without a fence, maybe with prose before it: start at the first line of code
-        lines = text.splitlines()
-        first = next((i for i, ln in enumerate(lines) if CODE_START.match(ln)), None)
-        if first:
-            out.append(("\n".join(lines[first:]), ("prose_removed",)))
-    trimmed = []
-    for src, reps in out:
-        if _parses(src) is None:
-            cut, changed = _trim_tail(src)
-            if changed:
-                trimmed.append((cut, reps + ("trailing_lines_dropped",)))
-    return out + trimmed
-
-
-def _rename_def(src: str, tree: ast.Module, old: str, new: str) -> str:
-    """`src` with function `old` renamed `new` inside its own definition only (its recursive calls too)."""
-    fn = next(n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == old)
-    lines = src.splitlines()
-    seg = "\n".join(lines[fn.lineno - 1:fn.end_lineno])
-    seg = re.sub(rf"\b{re.escape(old)}\b", new, seg)
-    return "\n".join(lines[:fn.lineno - 1] + [seg] + lines[fn.end_lineno:])
-
-
-def _calls_of(tree: ast.Module) -> set[str]:
-    """Names called in the module's top-level asserts: what the tests exercise."""
-    return {n.func.id for s in tree.body if isinstance(s, ast.Assert) for n in ast.walk(s)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-
-
-def check_exercise(text: str, name: str, repair: bool = True) -> Check:
-    """A whole exercise answer (function + asserts) for the asked `name`, repaired when `repair`."""
-    first_reason = None
-    for src, reps in _sources(text, repair):
-        tree = _parses(src)
-        if tree is not None and repair:
-            funcs = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-            called = _calls_of(tree)
-            # The asserts call the asked name but the def has another: rename the def. When the asserts call the
-            # def's own name instead, renaming would edit the tests, so the answer stays as it is (rejected).
-            others = [f for f in funcs if f not in called and not f.startswith("test") and f != EXAMPLE_NAME]
-            if name in called and name not in funcs and len(others) == 1:
-                src = _rename_def(src, tree, others[0], name)
-                reps = reps + (f"renamed_{others[0]}",)
-        ex, reason = parse_exercise(f"```python\n{src}\n```", name)
-        if ex is not None:
-            return Check("ok", ex.solution, ex.tests, ex.problem, reps)
-        first_reason = first_reason or reason
-    return Check(first_reason or "syntax_error")
-
-
-def _body_of(src: str, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
-    """The statements of `fn` after its docstring, dedented."""
-    body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
-    if not body:
-        return ""
-    lines = src.splitlines()
-    return textwrap.dedent("\n".join(lines[body[0].lineno - 1:body[-1].end_lineno]))
-
-
-def check_solution(text: str, problem: Problem, repair: bool = True) -> Check:
-    """A function for a fixed problem: the answer's body goes under the problem's own header (its signature and
-    docstring, never the answer's), with the answer's other top-level defs and imports before it; the tests
-    are the problem's, unchanged."""
-    assert problem.header is not None and problem.tests is not None
-    header, name = problem.header.rstrip(), problem.name
-    indent = re.match(r"\s*", header.splitlines()[-1]).group(0) or "    "  # the docstring's indentation
-    first_reason = None
-    for src, reps in _sources(text, repair):
-        tree = _parses(src)
-        body, helpers = None, []
-        if tree is not None:
-            funcs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-            target = next((f for f in funcs if f.name == name), None)
-            if target is None and repair and len(funcs) == 1:
-                target, reps = funcs[0], reps + (f"renamed_{funcs[0].name}",)
-                src = _rename_def(src, tree, funcs[0].name, name)
-                tree = ast.parse(src)
-                target = tree.body[[i for i, n in enumerate(tree.body) if n.lineno == target.lineno][0]]
-            if target is not None:
-                body = _body_of(src, target)
-                helpers = [ast.get_source_segment(src, n) or "" for n in tree.body
-                           if n is not target and isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef,
-                                                                 ast.AsyncFunctionDef, ast.ClassDef))]
-        if body is None and repair and (tree is None or not any(
-                isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) for n in tree.body)):
-            # no `def` line: the answer is the body itself (`return` at top level still parses)
-            body = textwrap.dedent(src).strip("\n")
-            reps = reps + ("def_line_added",)
-        if not body:
-            first_reason = first_reason or ("no_function" if tree is not None else "syntax_error")
-            continue
-        solution = "\n\n\n".join([*helpers, header + "\n" + textwrap.indent(body, indent)]) + "\n"
-        fn_tree = _parses(solution)
-        if fn_tree is None:
-            first_reason = first_reason or "syntax_error"
-            continue
-        return Check("ok", solution, problem.tests, header + "\n", reps)
-    return Check(first_reason or "syntax_error")
-
-
-def check(problem: Problem, text: str, repair: bool) -> Check:
-    if problem.header is not None:
-        return check_solution(text, problem, repair)
-    return check_exercise(text, problem.name, repair)
+    if strategy != "solution":
+        return exercise_problems(n, seed, strategy)
+    if exercise_set is None:
+        raise UserError("the solution strategy draws stdlib doctest exercises, some of them held out: give "
+                        "--exercise-set DIR/exercises.jsonl (an experiment's exercise set) to leave those out")
+    return mined_problems(n, seed, heldout_ids(exercise_set))
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -398,7 +256,7 @@ def run_yield(args: argparse.Namespace) -> dict[str, Any]:
     teacher = _teacher(args)
     cache = AnswerCache(args.cache)
     load0, t0 = os.getloadavg(), time.perf_counter()
-    probs = {s: problems_for(s, args.prompts, args.seed) for s in strategies}
+    probs = {s: problems_for(s, args.prompts, args.seed, args.exercise_set) for s in strategies}
     usage_before = teacher.usage.to_dict() if hasattr(teacher, "usage") else {}
     per: dict[str, dict[str, Any]] = {s: {"seconds": 0.0} for s in strategies}
     results: dict[str, list[dict[str, Any]]] = {}
@@ -450,7 +308,7 @@ def run_yield(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The verified exercises of best-of-n for the first `--prompts` problems of a strategy."""
-    problems = problems_for(args.strategy, args.prompts, args.seed)
+    problems = problems_for(args.strategy, args.prompts, args.seed, args.exercise_set)
     results = best_of_n(_teacher(args), problems, args.n, seed=args.seed, temperature=args.temperature,
                         repair=not args.no_repair, cache=AnswerCache(args.cache))
     kept = [r["kept"] for r in results if r["kept"]]
@@ -479,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed of the plan and of the samples")
         p.add_argument("--temperature", type=float, default=TEMPERATURE, help="sampling temperature (> 0)")
         p.add_argument("--cache", default=None, help="JSONL of teacher answers, reused by a rerun")
+        p.add_argument("--exercise-set", default=None, metavar="JSONL",
+                       help="an experiment's exercises.jsonl: its held-out exercises are never solution problems "
+                            "(required by the solution strategy)")
         add_teacher_arguments(p)
     return parser
 
@@ -493,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--temperature must be > 0 for best-of-n")
         if getattr(args, "max_minutes", None) is not None and not args.max_minutes > 0:
             raise UserError("--max-minutes must be > 0")
+        wanted = args.strategies.split(",") if args.command == "yield" else [args.strategy]
+        if "solution" in [w.strip() for w in wanted] and args.exercise_set is None:  # before the teacher loads
+            problems_for("solution", 1, args.seed, None)  # raises the one-line refusal
         if args.command == "yield":
             out = run_yield(args)
             for s, t in out["strategies"].items():
