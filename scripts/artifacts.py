@@ -279,8 +279,8 @@ def build_teacher(out: Path, problems: int, smoke: bool) -> Path:
     the verified stdlib doctest exercises, as in docs/case_study/results.json (the teacher's own exercises did
     not pass their asserts). The completions before and after go to samples.md / samples.jsonl."""
     from nanophi.textbook.experiment import DEFAULT_TEACHER, PRESETS, SPLIT_SEED, teacher_experiment
-    from nanophi.textbook.experiment_data import load_data
-    from nanophi.textbook.experiment_exercises import verified_doctest_exercises
+    from nanophi.textbook.experiment.data import load_data
+    from nanophi.textbook.experiment.exercises import verified_doctest_exercises
 
     preset = dataclasses.replace(PRESETS["test" if smoke else TEACHER_PRESET], teacher_limit=problems)
     folder = out / "teacher"

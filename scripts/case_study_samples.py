@@ -153,7 +153,7 @@ def _prompts(run: Path, data_dir: Path | None) -> dict[str, str]:
     """task_id -> prompt: HumanEval's, the stdlib doctest exercises the run kept, and the pipeline's verified ones
     (the held-out exercises are drawn from the last two)."""
     from nanophi.humaneval import load_problems
-    from nanophi.textbook.experiment_data import parse_exercise
+    from nanophi.textbook.experiment.data import parse_exercise
     from nanophi.textbook.records import read_jsonl
 
     prompts = {p["task_id"]: p["prompt"] for p in load_problems()}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from nanophi.textbook.experiment_data import Exercise, verify_exercises
-from nanophi.textbook.experiment_exercises import doctest_exercises, split
+from nanophi.textbook.experiment.data import Exercise, verify_exercises
+from nanophi.textbook.experiment.exercises import doctest_exercises, split
 
 MODULE = '''import math
 import numpy as np

@@ -14,9 +14,9 @@ import torch
 
 from nanophi.errors import UserError
 from nanophi.textbook.experiment import ARMS, PRESETS, run_experiment, teacher_experiment
-from nanophi.textbook.experiment_data import (Exercise, load_data, parse_exercise, textbook_mix, verify_exercises)
-from nanophi.textbook.experiment_finetune import IGNORE, encode_examples, finetune_masked, make_batch
-from nanophi.textbook.experiment_report import aggregate, direction, mean_ci, sign_test, wilson
+from nanophi.textbook.experiment.data import (Exercise, load_data, parse_exercise, textbook_mix, verify_exercises)
+from nanophi.textbook.experiment.finetune import IGNORE, encode_examples, finetune_masked, make_batch
+from nanophi.textbook.experiment.stats import aggregate, direction, mean_ci, sign_test, wilson
 from nanophi.textbook.records import make_record, write_jsonl_atomic
 
 EXERCISE = '''Here is the exercise.
@@ -106,7 +106,7 @@ def test_parse_exercise_rejects_what_cannot_be_an_exercise() -> None:
 
 
 def test_doctest_exercises_from_a_module(tmp_path: Path) -> None:
-    from nanophi.textbook.experiment_exercises import verified_doctest_exercises
+    from nanophi.textbook.experiment.exercises import verified_doctest_exercises
 
     (tmp_path / "mod.py").write_text(
         "import math\n\n\n"
@@ -162,7 +162,7 @@ def test_exercise_fine_tune_is_capped_in_passes_over_the_exercises() -> None:
 
 def test_check_all_parses_runs_and_passes() -> None:
     from nanophi.humaneval import load_problems
-    from nanophi.textbook.experiment_eval import check_all, summarise_checks
+    from nanophi.textbook.experiment.eval import check_all, summarise_checks
 
     p = load_problems()[0]
     rows = check_all([p] * 4, [p["canonical_solution"], "    return False\n", "", "    return (\n"])
@@ -180,7 +180,7 @@ def test_sampled_pass_at_k_is_seeded_and_takes_the_engine_settings(tmp_path: Pat
     several problems per batch, int8 decoding and top-p passed to the engine, the same samples on a rerun."""
     from nanophi.humaneval import load_problems
     from nanophi.model import GPT, GPTConfig
-    from nanophi.textbook.experiment_eval import sampled_pass_at_k
+    from nanophi.textbook.experiment.eval import sampled_pass_at_k
     from nanophi.tokenizer import BPETokenizer
 
     problems = load_problems()[:2]
@@ -320,7 +320,7 @@ def test_experiment_end_to_end(experiment: tuple[Path, Path, dict]) -> None:
             assert row["curve"][-1]["heldout_bpb"] == pytest.approx(row["code_bpb"], rel=1e-5)
         sampled = (out / "runs").rglob("humaneval_sampled.jsonl")
         assert sum(1 for _ in sampled) == preset.seeds * len(ARMS)
-    from nanophi.textbook.experiment_report import directions
+    from nanophi.textbook.experiment.stats import directions
     names = {(d["better"], d["worse"]) for d in directions(on_disk)}
     assert {("B", "A_small"), ("A", "A_small"), ("B", "A")} <= names
     assert on_disk["data"]["filter_keep"] == preset.filter_keep and on_disk["data"]["n_filtered"] < on_disk["data"]["n_pool"]
@@ -388,7 +388,7 @@ class ScriptedTeacher:
 
 def test_build_data_dir_runs_the_pipeline(tmp_path: Path) -> None:
     """Without --data-dir the experiment runs `nanophi textbook run` and reads what it wrote."""
-    from nanophi.textbook.experiment_data import DataSpec, build_data_dir
+    from nanophi.textbook.experiment.data import DataSpec, build_data_dir
 
     spec = DataSpec(pool_docs=80, labels=40, textbooks=2, exercises=6, teacher_batch=4)
     data_dir = build_data_dir(tmp_path / "data", spec, teacher_ref="scripted", seed=0, teacher=ScriptedTeacher())
@@ -403,7 +403,7 @@ def test_build_data_dir_runs_the_pipeline(tmp_path: Path) -> None:
                                        ("tiny", "docs/case_study/tiny/results.json")])
 def test_published_results_match_the_committed_reports(name: str, docs: str) -> None:
     """The package-data copies (what a Colab install reads) are the reports' own results, byte for byte."""
-    from nanophi.textbook import experiment_report
+    from nanophi.textbook.experiment import report as experiment_report
 
     root = Path(__file__).resolve().parents[1]
     shipped = root / "src" / "nanophi" / "textbook" / "results" / f"{name}.json"
@@ -412,10 +412,10 @@ def test_published_results_match_the_committed_reports(name: str, docs: str) -> 
 
 
 def test_committed_report_and_doc_are_generated_from_results() -> None:
-    """report.md and docs/case_study.md's results section are what experiment_report writes from results.json:
-    no number typed by hand (rewrite both with `python -m nanophi.textbook.experiment_report
+    """report.md and docs/case_study.md's results section are what experiment.report writes from results.json:
+    no number typed by hand (rewrite both with `python -m nanophi.textbook.experiment.report
     docs/case_study/results.json --doc docs/case_study.md`)."""
-    from nanophi.textbook.experiment_report import DOC_BEGIN, DOC_END, case_study_section, report_markdown
+    from nanophi.textbook.experiment.report import DOC_BEGIN, DOC_END, case_study_section, report_markdown
 
     root = Path(__file__).resolve().parents[1]
     run = root / "docs" / "case_study"
@@ -450,10 +450,10 @@ def test_a_given_exercise_split_replaces_the_coin(tmp_path: Path) -> None:
 
 def test_a_separate_teacher_run_is_reported_with_its_sampled_pass_at_10() -> None:
     """`--teacher-result`: the committed Jina's-experiment run, read as the report reads its own."""
-    from nanophi.textbook.experiment_report import _teacher_rows
+    from nanophi.textbook.experiment.tables import teacher_rows
 
     path = Path(__file__).parents[1] / "artifacts" / "teacher" / "full" / "metrics.json"
-    rows = "\n".join(_teacher_rows({**json.loads(path.read_text()), "source": str(path)}))
+    rows = "\n".join(teacher_rows({**json.loads(path.read_text()), "source": str(path)}))
     assert "| before | 0/164" in rows and "| after | 3/164" in rows and "pass@10 5.0 %" in rows
     assert "artifacts/teacher/full" in rows and "best loss" in rows
     with pytest.raises(UserError, match="--teacher-result"):
@@ -465,7 +465,7 @@ def test_a_subset_of_arms_resumes_and_reports_only_those(experiment: tuple[Path,
     the directions between arms that ran are given."""
     import shutil
 
-    from nanophi.textbook.experiment_report import directions
+    from nanophi.textbook.experiment.stats import directions
 
     out = tmp_path / "out"
     shutil.copytree(experiment[0], out)

@@ -220,7 +220,7 @@ def test_yield_command_writes_the_table_per_n(server, tmp_path):
 
 
 def test_solution_problems_never_draw_a_held_out_exercise(tmp_path):
-    # An exercise set as experiment_exercises.exercise_set writes it: a key line, then one exercise per line.
+    # An exercise set as experiment.exercises.exercise_set writes it: a key line, then one exercise per line.
     drawn = b.mined_problems(2, seed=3)
     assert len(drawn) == 2
     held = drawn[0].fields["source_id"]

@@ -7,7 +7,7 @@ temperature > 0 some of its samples do. Three things raise the yield, each measu
                  same whatever n is and whichever prompts share its call; the first sample whose program passes in
                  the sandbox is kept and the prompt is not asked again
   solution-only  the problem (imports, signature, docstring) and its tests are fixed, e.g. a mined stdlib
-                 doctest exercise (`experiment_exercises`); the teacher writes only the function
+                 doctest exercise (`experiment.exercises`); the teacher writes only the function
   repair         near misses fixed where that changes neither the tests nor the logic: code outside a fence or
                  with prose around it, a tail cut off by the token budget (whole trailing lines are dropped), a
                  function defined under another name than the one its asserts call (the def is renamed), a body
@@ -76,7 +76,7 @@ def solution_prompt(header: str) -> str:
 
 def heldout_ids(exercise_set: str | Path) -> frozenset[str]:
     """The ids of the held-out exercises in an experiment's exercise set (its `exercises.jsonl` cache, built by
-    `experiment_exercises.exercise_set`): what best-of-n output that may be trained on must not contain."""
+    `experiment.exercises.exercise_set`): what best-of-n output that may be trained on must not contain."""
     path = Path(exercise_set)
     if not path.is_file():
         raise UserError(f"--exercise-set {path} is not a file: give an experiment's exercises.jsonl (its held-out "
@@ -92,8 +92,8 @@ def mined_problems(n: int, seed: int = 0, exclude: frozenset[str] = frozenset())
     `>>>` examples; the test runs the examples), short ones only, in an order fixed by a hash of (seed, id),
     each checked first: its own solution passes its test in the sandbox. Exercises whose id is in `exclude`
     (the held-out split, `heldout_ids`) are never drawn, so what the teacher writes for them can be trained on."""
-    from nanophi.textbook.experiment_data import verify_exercises
-    from nanophi.textbook.experiment_exercises import doctest_exercises
+    from nanophi.textbook.experiment.data import verify_exercises
+    from nanophi.textbook.experiment.exercises import doctest_exercises
 
     found = [e for e in doctest_exercises() if len(e.prompt) <= MAX_PROBLEM_CHARS and e.id not in exclude]
     found.sort(key=lambda e: hashlib.sha256(f"{seed}:{e.id}".encode()).hexdigest())

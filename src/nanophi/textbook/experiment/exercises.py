@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nanophi.textbook.experiment_data import Exercise, verify_exercises
+from nanophi.textbook.experiment.data import Exercise, verify_exercises
 from nanophi.textbook.records import read_jsonl, record_id, write_jsonl_atomic
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nanophi.textbook.experiment_data import Exercise
+from nanophi.textbook.experiment.data import Exercise
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,8 @@ def run_teacher_finetune(out_dir: Any, exercises_cache: Any, *, ref: str = TEACH
 
     from nanophi.humaneval import load_problems
     from nanophi.refs import load_model
-    from nanophi.textbook.experiment_eval import pass_at_1, sampled_pass_at_k
-    from nanophi.textbook.experiment_exercises import exercise_set
+    from nanophi.textbook.experiment.eval import pass_at_1, sampled_pass_at_k
+    from nanophi.textbook.experiment.exercises import exercise_set
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,16 +236,16 @@ def run_teacher_finetune(out_dir: Any, exercises_cache: Any, *, ref: str = TEACH
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m nanophi.textbook.experiment_finetune OUT CACHE [--steps ...]: the run above, logged."""
+    """python -m nanophi.textbook.experiment.finetune OUT CACHE [--steps ...]: the run above, logged."""
     import argparse
     import json
 
     from nanophi.errors import UserError
 
-    p = argparse.ArgumentParser(prog="python -m nanophi.textbook.experiment_finetune",
+    p = argparse.ArgumentParser(prog="python -m nanophi.textbook.experiment.finetune",
                                 description="Jina's experiment on the mined exercise set (see run_teacher_finetune)")
     p.add_argument("out", help="folder for completions, verdicts and metrics.json")
-    p.add_argument("cache", help="exercise set cache (built on first use; see experiment_exercises.exercise_set)")
+    p.add_argument("cache", help="exercise set cache (built on first use; see experiment.exercises.exercise_set)")
     p.add_argument("--ref", default=TEACHER_REF)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)

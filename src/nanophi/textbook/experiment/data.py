@@ -61,7 +61,7 @@ class Exercise:
     prompt: str
     solution: str
     tests: str
-    source: str = "teacher"  # or "stdlib-doctest" (see experiment_exercises)
+    source: str = "teacher"  # or "stdlib-doctest" (see experiment.exercises)
 
     def as_problem(self) -> dict[str, str]:
         """HumanEval's shape, so `nanophi.humaneval.check_completion` runs it: `check(name)` must exist, and the
@@ -201,7 +201,7 @@ def load_data(data_dir: Path, *, seed: int, heldout_code_fraction: float, heldou
     as arm B, instead of the filter's own threshold. A rubric that calls most of the stdlib educational makes a
     B that is nearly A; phi-1 kept ~6B of ~35B tokens (about 17 %). `extra_exercises` (already verified) join
     the data directory's before the split. `exercise_split(verified)` -> (train, held out), when given, replaces
-    the per-record coin: the mined exercise set (`experiment_exercises.exercise_set`) brings its own split of
+    the per-record coin: the mined exercise set (`experiment.exercises.exercise_set`) brings its own split of
     100 held-out problems, and the teacher's verified exercises join it there."""
     data_dir = Path(data_dir)
     pool = list(read_jsonl(find_file(data_dir, "pool")))

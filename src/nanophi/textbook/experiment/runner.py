@@ -19,14 +19,14 @@ The D arms add the same fine-tune budget (same steps, same batches for a given s
 B+C compare at P tokens and A->D and (B+C)->D at P + F. Seeds vary the initialisation and batch order; the data
 split is fixed. Every pretraining run is probed at `curve_points` evenly spaced steps (bits per byte on HumanEval's
 canonical solutions and on held-out raw code: the curves of results.json), then each trained model is measured by
-`experiment_eval.measure` (greedy pass@1, and pass@k from `samples` completions per problem), and Jina's experiment
+`experiment.eval.measure` (greedy pass@1, and pass@k from `samples` completions per problem), and Jina's experiment
 fine-tunes the teacher on the same training exercises. Results go to OUT/results.json, OUT/report.md and
 OUT/report.html.
 
 Without --data-dir the data is built into OUT/data by `nanophi textbook run` (the stdlib pool, the heuristic
 rubric and random-forest filter, then textbooks and exercises from the teacher, verified in the sandbox). The
 exercises of a 135M teacher rarely pass their own asserts, so the verified stdlib doctest exercises of
-`experiment_exercises.py` join them (presets' `stdlib_exercises`); the report counts the two sources apart.
+`experiment/exercises.py` join them (presets' `stdlib_exercises`); the report counts the two sources apart.
 A killed run resumes: finished models keep their measurements in OUT/runs/<arm>/seed<k>/eval.json.
 """
 
@@ -36,144 +36,20 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nanophi.callbacks import Callback
 from nanophi.errors import UserError
-from nanophi.textbook.experiment_data import DataSpec, ExperimentData, build_data_dir, load_data, textbook_mix, \
-    write_corpus
+from nanophi.textbook.experiment.data import ExperimentData, build_data_dir, load_data, textbook_mix, write_corpus
+from nanophi.textbook.experiment.presets import ARM_DIRS, ARM_SOURCES, ARMS, BASE_OF, DEFAULT_TEACHER, PRESETS, \
+    SPLIT_SEED, Preset
 
 log = logging.getLogger(__name__)
-
-ARMS = ("A", "A_small", "B", "B+C", "(B+C)->D", "A->D")
-BASE_OF = {"(B+C)->D": "B+C", "A->D": "A"}  # fine-tuned arm -> the pretrained arm it starts from
-ARM_DIRS = {"A": "A", "A_small": "A-small", "B": "B", "B+C": "BC", "(B+C)->D": "BC-D", "A->D": "A-D"}
-ARM_SOURCES = {"A": "raw pool", "A_small": "random sample of the raw pool, B's unique tokens", "B": "filtered pool",
-               "B+C": "filtered pool + synthetic textbooks", "(B+C)->D": "B+C, then verified exercises",
-               "A->D": "A, then verified exercises"}
-DEFAULT_TEACHER = "smollm2-135m-instruct"
-SPLIT_SEED = 0  # the data split is the same for every seed and every arm
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Everything one size of the experiment fixes. Student sizes follow the anchors' CPU numbers: vocabulary
-    dominates CPU cost, so the tiny BPE has 2048 tokens."""
-
-    seeds: int  # the issue asks for >= 2 in tiny, >= 3 in small/full
-    vocab_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    block_size: int
-    batch_size: int
-    pretrain_iters: int
-    lr: float
-    warmup_iters: int
-    ft_iters: int
-    ft_batch: int
-    ft_lr: float
-    max_new_tokens: int  # per HumanEval / held-out completion of a student
-    humaneval_limit: int | None  # None: all 164 problems
-    teacher_ft_steps: int
-    teacher_ft_batch: int
-    teacher_ft_lr: float
-    teacher_limit: int | None
-    teacher_max_new_tokens: int
-    teacher_block: int  # fine-tune sequence cap for the teacher (its context is 2048; a CPU wants less)
-    data: DataSpec = field(default_factory=DataSpec)
-    stdlib_exercises: bool = True  # add the stdlib's doctest exercises to the teacher's (experiment_exercises)
-    # Train and test on the mined exercise set instead (experiment_exercises.exercise_set: doctest exercises from
-    # the stdlib and site-packages, 100 held out), the teacher's verified ones joining it; supersedes the above.
-    mined_exercises: bool = False
-    filter_keep: float | None = 0.3  # arm B: the top share of the pool by the filter's score (see load_data)
-    textbook_share: float = 0.2  # target share of textbook characters in B+C (see textbook_mix)
-    max_textbook_repeats: int = 8
-    ft_max_epochs: float = 8.0  # cap on passes over the training exercises: with a few dozen, ft_iters overfits
-    heldout_code_fraction: float = 0.05
-    heldout_exercise_fraction: float = 0.25
-    tau: float = 0.9
-    curve_points: int = 5  # evaluations during pretraining (the last at the end), for the loss-vs-tokens curves
-    samples: int = 20  # completions per problem at temperature 0.8 for pass@k (0: greedy pass@1 only)
-    sample_problems_per_batch: int = 1  # problems per sampling batch (n rows each): more on a GPU
-    device: str = "cpu"
-
-    def pretrain_tokens(self) -> int:
-        return self.pretrain_iters * self.batch_size * self.block_size
-
-    def ft_steps(self, n_exercises: int) -> int:
-        """Exercise fine-tune steps: ft_iters, or fewer when that would pass over the exercises more than
-        ft_max_epochs times (19 stdlib exercises x 150 steps x 8 = 63 passes raised HumanEval bpb by 0.65)."""
-        return max(1, min(self.ft_iters, math.ceil(self.ft_max_epochs * n_exercises / self.ft_batch)))
-
-
-PRESETS: dict[str, Preset] = {
-    # For the test suite: a whole experiment on constructed records in well under a minute.
-    "test": Preset(seeds=2, vocab_size=320, n_layer=1, n_head=2, n_embd=32, block_size=64, batch_size=8,
-                   pretrain_iters=15, lr=3e-3, warmup_iters=2, ft_iters=6, ft_batch=4, ft_lr=1e-3, max_new_tokens=12,
-                   humaneval_limit=6, teacher_ft_steps=2, teacher_ft_batch=2, teacher_ft_lr=1e-4, teacher_limit=2,
-                   teacher_max_new_tokens=8, teacher_block=64,
-                   data=DataSpec(pool_docs=60, labels=40, textbooks=2, exercises=6, textbook_tokens=32,
-                                 exercise_tokens=64, teacher_batch=2), heldout_code_fraction=0.15,
-                   stdlib_exercises=False, samples=10),
-    # <= 30 min on 2 CPU cores for the experiment on a pipeline's tiny data (22 min measured on shared cores):
-    # 0.53M-parameter students and a 1024-token BPE (vocabulary dominates CPU cost), full HumanEval with short
-    # completions (64 tokens: most canonical bodies fit), the teacher measured on the first 20 problems with 96
-    # new tokens before and after 8 fine-tune steps (a 135M model trains at 5-30 s per step on 2 cores).
-    "tiny": Preset(seeds=3, vocab_size=1024, n_layer=2, n_head=4, n_embd=128, block_size=128, batch_size=12,
-                   pretrain_iters=400, lr=3e-3, warmup_iters=40, ft_iters=20, ft_batch=8, ft_lr=1e-3,
-                   max_new_tokens=64, humaneval_limit=None, teacher_ft_steps=8, teacher_ft_batch=2,
-                   teacher_ft_lr=1e-4, teacher_limit=20, teacher_max_new_tokens=96, teacher_block=256,
-                   data=DataSpec(pool_docs=3000, labels=600, textbooks=16, exercises=64), samples=10),
-    # About 1.5 hours on 2 CPU cores for the students, 45 minutes with --seeds 1 (the pipeline's generation,
-    # ~17 min, and the teacher, ~10 min, come on top): 2 seeds of ~2.6M-parameter students on 1.2M tokens each (2x
-    # tiny's), six arms, 20 samples per problem for pass@10 (sampling all 164 problems costs about what
-    # pretraining does, so completions are 64 tokens, as in tiny), the teacher measured on all 164 problems before
-    # and after 48 masked steps. SmolLM2 writes few exercises that pass their own tests, so the teacher writes 96
-    # and the stdlib's doctest exercises carry arm D; textbooks are where the teacher's time goes.
-    "small": Preset(seeds=2, vocab_size=4096, n_layer=4, n_head=4, n_embd=192, block_size=256, batch_size=16,
-                    pretrain_iters=300, lr=1.5e-3, warmup_iters=30, ft_iters=150, ft_batch=8, ft_lr=5e-4,
-                    max_new_tokens=64, humaneval_limit=None, teacher_ft_steps=48, teacher_ft_batch=4,
-                    teacher_ft_lr=5e-5, teacher_limit=None, teacher_max_new_tokens=160, teacher_block=384,
-                    data=DataSpec(pool_docs=6000, labels=1000, textbooks=120, exercises=96,
-                                  textbook_tokens=448, exercise_tokens=256),
-                    stdlib_exercises=False, mined_exercises=True),
-    # Sized for <= 10 minutes on one H100-class GPU, pipeline and teacher included; not run here (no GPU was lent).
-    # What it trains: 2 seeds x 4 pretrained arms of ~14M-parameter students (6 layers x 384, an 8192-token BPE,
-    # context 512) on 16.4M tokens each (1000 steps x 32 x 512), two fine-tuned arms, 20 samples per problem on
-    # all 164 HumanEval problems, the teacher around 200 masked steps. The sizes follow from measured CPU
-    # throughput (see FULL_PRESET_SIZING below and docs/case_study.md).
-    "full": Preset(seeds=2, vocab_size=8192, n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=32,
-                   pretrain_iters=1000, lr=1e-3, warmup_iters=100, ft_iters=300, ft_batch=32, ft_lr=3e-4,
-                   max_new_tokens=256, humaneval_limit=None, teacher_ft_steps=200, teacher_ft_batch=16,
-                   teacher_ft_lr=5e-5, teacher_limit=None, teacher_max_new_tokens=384, teacher_block=1024,
-                   data=DataSpec(pool_docs=20000, labels=3000, textbooks=400, exercises=800,
-                                 textbook_tokens=512, exercise_tokens=320, teacher_batch=64),
-                   samples=20, sample_problems_per_batch=16, device="auto", stdlib_exercises=False,
-                   mined_exercises=True),
-}
-
-
-# How the full preset was sized (measured here, 2026-12-02, on 2 CPU cores: the small students, 2.57M parameters,
-# 4 layers x 192, context 256, ran at 5,180 tokens/s, ~18 MFLOP per token (6N + 12 L d T), ~92 GFLOP/s; a 1024^2
-# fp32 matmul probe gave 159 GFLOP/s). An H100's dense bf16 peak is ~989 TFLOP/s; students this small reach
-# perhaps 10-25 % of it, ~100-250 TFLOP/s, so ~1,000-2,700x the CPU. The full students take ~98 MFLOP per token
-# (N ~ 14M with the 8192 x 384 embedding, context 512): 16.4M tokens are 1.6 PFLOP, 7-16 s per run at that rate,
-# about 2-3 min for 8 runs with evaluation probes. Sampling 164 x 20 completions of 256 tokens in batches of 16
-# problems (320 rows) is ~11 batches x 256 decode steps per model, ~30 s at ~10 ms a step; the sandbox checks
-# run on every core. The pipeline's 400 textbook sections and 800 exercises at batch 64 and the teacher's
-# before/after (2 x 164 problems, 384 tokens) with 200 fine-tune steps take the rest of the 10 minutes.
-FULL_PRESET_SIZING = {"cpu_tokens_per_s": 5180, "cpu_gflops_achieved": 92, "cpu_matmul_probe_gflops": 159,
-                      "h100_bf16_peak_tflops": 989, "assumed_mfu": (0.10, 0.25), "student_mflop_per_token": 98,
-                      "pretrain_tokens_per_run": 1000 * 32 * 512, "pretrain_runs": 8}
-
 
 # ---------------------------------------------------------------------------------------------- students
 
@@ -191,7 +67,7 @@ class CurveProbe(Callback):
 
     def on_step_end(self, trainer: Any, record: dict[str, Any]) -> None:
         from nanophi.humaneval import canonical_bpb
-        from nanophi.textbook.experiment_eval import code_bpb
+        from nanophi.textbook.experiment.eval import code_bpb
 
         if trainer.step not in self.steps:
             return
@@ -241,13 +117,14 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
 
     `teacher`: the model that writes the data when `data_dir` is None, and the one Jina's experiment
     fine-tunes; None skips the teacher experiment (then `data_dir` is required). `teacher_result`: the
-    metrics.json of a separate Jina's-experiment run (`python -m nanophi.textbook.experiment_finetune`, on the
+    metrics.json of a separate Jina's-experiment run (`python -m nanophi.textbook.experiment.finetune`, on the
     same mined exercise set) reported in place of running the fine-tune here, which is hours on a CPU. `arms`: a
     subset of ARMS to train and report (a fine-tuned arm needs its base); the rest are left out of results.json
     and the directions that need them are not reported. A later call with more arms resumes the measured ones."""
-    from nanophi.textbook.experiment_eval import measure
-    from nanophi.textbook.experiment_finetune import encode_examples, finetune_masked
-    from nanophi.textbook.experiment_report import aggregate, write_report
+    from nanophi.textbook.experiment.eval import measure
+    from nanophi.textbook.experiment.finetune import encode_examples, finetune_masked
+    from nanophi.textbook.experiment.report import write_report
+    from nanophi.textbook.experiment.stats import aggregate
 
     name = preset if isinstance(preset, str) else "custom"
     if isinstance(preset, str):
@@ -268,7 +145,7 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
     chosen = tuple(a for a in ARMS if a in chosen)  # bases before the arms fine-tuned from them
     if teacher_result is not None and not Path(teacher_result).is_file():
         raise UserError(f"--teacher-result {teacher_result} is not a file; give the metrics.json written by "
-                        "`python -m nanophi.textbook.experiment_finetune OUT CACHE`")
+                        "`python -m nanophi.textbook.experiment.finetune OUT CACHE`")
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder; run `nanophi textbook run --out DIR` first, or leave "
                         "out --data-dir to build the data here")
@@ -290,7 +167,7 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
     split = None
     exercise_counts: dict[str, Any] | None = None
     if preset.mined_exercises:
-        from nanophi.textbook.experiment_exercises import exercise_set
+        from nanophi.textbook.experiment.exercises import exercise_set
 
         def split(teacher_exercises: list[Any]) -> tuple[list[Any], list[Any]]:
             nonlocal exercise_counts
@@ -395,8 +272,8 @@ def run_experiment(preset: str | Preset, out: str | Path, *, data_dir: str | Pat
 def _stdlib_exercises(path: Path) -> list[Any]:
     """The stdlib's verified doctest exercises, kept in OUT: a resumed run must train and test on the same ones
     (a doctest near the sandbox's time limit can pass once and time out the next time on a busy machine)."""
-    from nanophi.textbook.experiment_data import Exercise
-    from nanophi.textbook.experiment_exercises import verified_doctest_exercises
+    from nanophi.textbook.experiment.data import Exercise
+    from nanophi.textbook.experiment.exercises import verified_doctest_exercises
     from nanophi.textbook.records import read_jsonl, write_jsonl_atomic
 
     if path.is_file():
@@ -484,8 +361,8 @@ def teacher_experiment(ref: str, data: ExperimentData, preset: Preset, out_dir: 
     from nanophi.device import pick_device
     from nanophi.humaneval import load_problems
     from nanophi.refs import load_model
-    from nanophi.textbook.experiment_eval import pass_at_1
-    from nanophi.textbook.experiment_finetune import encode_examples, finetune_masked
+    from nanophi.textbook.experiment.eval import pass_at_1
+    from nanophi.textbook.experiment.finetune import encode_examples, finetune_masked
 
     model, tokenizer = load_model(ref, pick_device(preset.device))
     problems = load_problems()[:preset.teacher_limit]
@@ -530,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"train and report only these arms (default: all of {', '.join(ARMS)})")
     parser.add_argument("--teacher-result", default=None, metavar="METRICS_JSON",
                         help="report this Jina's-experiment run (metrics.json of `python -m "
-                             "nanophi.textbook.experiment_finetune`) instead of fine-tuning the teacher here")
+                             "nanophi.textbook.experiment.finetune`) instead of fine-tuning the teacher here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -538,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_experiment(args.preset, args.out, data_dir=args.data_dir, teacher=teacher, seeds=args.seeds,
                              teacher_result=args.teacher_result,
                              arms=None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()])
-    from nanophi.textbook.experiment_report import summary_table
+    from nanophi.textbook.experiment.tables import summary_table
 
     print(summary_table(results))
     print(f"report: {Path(args.out) / 'report.md'}")
