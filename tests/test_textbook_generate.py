@@ -25,7 +25,7 @@ import pytest
 
 from nanophi.cli import main as nanophi_main
 from nanophi.errors import UserError
-from nanophi.textbook import generate as gen
+from nanophi.textbook import synthesize as gen
 from nanophi.textbook.records import append_jsonl, read_jsonl, read_stats, sidecar_path, stats_path
 from nanophi.textbook.teacher import LocalTeacher, OpenAITeacher, make_teacher
 from nanophi.textbook.verify import check_textbook, parse_exercise, verify
@@ -109,7 +109,7 @@ def test_generate_resumes_after_a_teacher_failure_without_loss_or_duplicates(tmp
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {src!r})
-    from nanophi.textbook.generate import generate
+    from nanophi.textbook.synthesize import generate
 
     class Slow:
         name = "slow"

@@ -63,7 +63,7 @@ MAX_PROBLEM_CHARS = 900  # solution-only: a short problem leaves the small teach
 
 def exercise_problems(n: int, seed: int = 0, version: str = "exercise-v2") -> list[Problem]:
     """The first n prompts of generate's exercise plan, rendered with template `version`."""
-    from nanophi.textbook.generate import plan
+    from nanophi.textbook.synthesize import plan
 
     return [Problem(s["prompt_id"], version, s["fields"]["function_name"], s["prompt"], fields=s["fields"])
             for s in plan("exercises", n, seed, version)]

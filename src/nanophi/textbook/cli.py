@@ -37,7 +37,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "annotate": ("nanophi.textbook.annotate", "educational-value labels on a sample (rubric or teacher judge)",
                  "annotate"),
     "filter": ("nanophi.textbook.filter", "random forest on embeddings: keep the educational documents", "filter"),
-    "generate": ("nanophi.textbook.generate", "synthetic textbooks or exercises from a teacher model", "generate"),
+    "generate": ("nanophi.textbook.synthesize", "synthetic textbooks or exercises from a teacher model", "generate"),
     "verify": ("nanophi.textbook.verify", "run exercises against their tests in the sandbox; parse-check textbooks",
                "verify"),
     "dedup": ("nanophi.textbook.dedup", "exact and MinHash-LSH near-duplicate removal", "dedup"),

@@ -108,7 +108,7 @@ def run_pipeline(out: str | os.PathLike, preset: str | Preset = "tiny", *, seed:
     (default: the local SmolLM2-135M-Instruct), loaded only if a stage needs it. `tasks`/`workers`/`executor`
     (a `scale.ExecutorOptions`): the stages that run on datatrove run as `tasks` tasks (module docstring).
     Raises StageSubmitted when a stage's tasks were only submitted (rerun after they finish)."""
-    from nanophi.textbook import annotate, card, decontaminate, dedup, filter, generate, pool, verify
+    from nanophi.textbook import annotate, card, decontaminate, dedup, filter, pool, synthesize, verify
     from nanophi.textbook.dedup_scale import dedup_sharded
     from nanophi.textbook.teacher import DEFAULT_TEACHER, make_teacher
 
@@ -195,10 +195,10 @@ def run_pipeline(out: str | os.PathLike, preset: str | Preset = "tiny", *, seed:
     ver: dict[str, dict[str, Any]] = {}
     for kind, n, tokens in (("textbook", p.textbooks, p.textbook_tokens),
                             ("exercises", p.exercises, p.exercise_tokens)):
-        raw = generate.output_path(out, kind)
+        raw = synthesize.output_path(out, kind)
         checked = at(f"{raw.stem}.verified")
         gen[kind] = stage(f"generate-{kind}", {"n": n, "seed": seed, "max_tokens": tokens, "teacher": teacher_name},
-                          [raw], lambda kind=kind, n=n, tokens=tokens: generate.generate(
+                          [raw], lambda kind=kind, n=n, tokens=tokens: synthesize.generate(
                               kind, n, out, get_teacher(), seed=seed, max_tokens=tokens))
         # verify's --workers is programs at once: with --tasks, datatrove tasks at once, each one program at a time
         ver[kind] = stage(f"verify-{kind}", {"version": verify.VERIFY_VERSION, "input_n": gen[kind]["n_out"],
@@ -208,7 +208,7 @@ def run_pipeline(out: str | os.PathLike, preset: str | Preset = "tiny", *, seed:
                           if sharded else verify.verify(raw, checked))
 
     combined, deduped, final = out / "combined.jsonl", at("deduped"), out / "final.jsonl"
-    parts = [filtered_path, *(at(f"{generate.output_path(out, k).stem}.verified") for k in gen)]
+    parts = [filtered_path, *(at(f"{synthesize.output_path(out, k).stem}.verified") for k in gen)]
 
     def combine() -> dict[str, Any]:
         n = write_jsonl_atomic(combined, (rec for part in parts for rec in read_records(part)))
