@@ -15,7 +15,7 @@ from nanophi.errors import UserError
 from nanophi.textbook import annotate as ann
 from nanophi.textbook import decontaminate as dec
 from nanophi.textbook.card import write_card
-from nanophi.textbook.dedup import add_dedup_arguments, dedup, run_dedup
+from nanophi.textbook.dedup import add_arguments as add_dedup_arguments, dedup, run as run_dedup
 from nanophi.textbook.filter import HashingEmbedder, train_filter
 from nanophi.textbook.pool import build_pool
 from nanophi.textbook.records import (

@@ -441,7 +441,7 @@ def label_stats(path: str | os.PathLike, labeler: str) -> dict[str, Any]:
             "mean_score": round(sum(scores) / len(scores), 3) if scores else None}
 
 
-def add_annotate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pool", help="pool JSONL written by `nanophi textbook pool`")
     parser.add_argument("--out", required=True, help="labels JSONL (appended; rerun resumes)")
     parser.add_argument("-n", "--n", type=int, default=DEFAULT_SAMPLE, help="how many documents to label")
@@ -452,12 +452,14 @@ def add_annotate_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"positive label at score >= this (default {HEURISTIC_THRESHOLD} rubric, "
                              f"{JUDGE_THRESHOLD} judge)")
     from nanophi.textbook.scale import add_scale_arguments
+    from nanophi.textbook.teacher import add_teacher_arguments
 
     add_scale_arguments(parser)
+    add_teacher_arguments(parser)  # the judge of `--labeler llm`
 
 
-def run_annotate(args: argparse.Namespace, teacher: Teacher | None = None) -> int:
-    """CLI entry; the CLI that owns the teacher client passes it in for `--labeler llm`."""
+def run(args: argparse.Namespace, teacher: Teacher | None = None) -> int:
+    """CLI entry; `--labeler llm` builds the judge from the --teacher flags unless a `teacher` is given."""
     if getattr(args, "tasks", 1) > 1:
         if args.labeler != "heuristic":
             raise UserError("--tasks > 1 runs the rubric; the judge waits on its server, run it with --tasks 1")
@@ -471,6 +473,10 @@ def run_annotate(args: argparse.Namespace, teacher: Teacher | None = None) -> in
         print(f"annotate: {stats['n_out']} labels in {args.out}/ ({args.tasks} shards, {stats['n_positive']} "
               f"positive, {stats['n_negative']} negative)")
         return 0
+    if args.labeler == "llm" and teacher is None:
+        from nanophi.textbook.teacher import teacher_from_args
+
+        teacher = teacher_from_args(args)
     stats = annotate(args.pool, args.out, n=args.n, seed=args.seed, labeler=args.labeler, teacher=teacher,
                      threshold=args.threshold)
     print(f"annotate: {stats['n_out']} labels in {args.out} ({stats['n_positive']} positive, "

@@ -175,7 +175,7 @@ def pack(
     return stats
 
 
-def add_card_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="the final records JSONL")
     parser.add_argument("--out", required=True, help="markdown file to write")
     parser.add_argument("--stats", nargs="*", default=None,
@@ -183,22 +183,7 @@ def add_card_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default=None, help="card title (default: the data file's name)")
 
 
-def run_card(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     summary = write_card(args.data, args.out, stats_paths=args.stats, title=args.title)
     print(f"card: {args.out} ({summary['documents']} documents, ~{summary['tokens']} tokens)")
-    return 0
-
-
-def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="the final records JSONL")
-    parser.add_argument("--out", required=True, help="directory for train.bin, val.bin, tokenizer/ and meta.json")
-    parser.add_argument("--tokenizer", default="bpe", choices=("char", "bpe", "gpt2"), help="tokenizer to train/use")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of a trained tokenizer")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens held out for validation")
-
-
-def run_pack(args: argparse.Namespace) -> int:
-    stats = pack(args.data, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                 val_fraction=args.val_fraction)
-    print(f"pack: {stats['train_tokens']} train + {stats['val_tokens']} val tokens -> {stats['dir']}")
     return 0

@@ -11,7 +11,7 @@
     nanophi textbook pack data/final.jsonl --out data/packed
     nanophi textbook run --preset tiny --out data/tiny
 
-Each stage lives in its own module as `add_<stage>_arguments(parser)` and `run_<stage>(args)`; the modules are
+Each stage lives in its own module as `add_arguments(parser)` and `run(args) -> int`; the modules are
 imported only for the subcommand that runs, so `nanophi --help` does not load scikit-learn or torch.
 
 Before a stage runs, `check_args` refuses, in one line, what no stage could make sense of: a float flag that is
@@ -31,23 +31,19 @@ from typing import Sequence
 
 from nanophi.errors import UserError
 
-# stage -> (module, one-line help, function-name stem)
-STAGES: dict[str, tuple[str, str, str]] = {
-    "pool": ("nanophi.textbook.pool", "raw code documents from a folder of .py files (default: the stdlib)", "pool"),
-    "annotate": ("nanophi.textbook.annotate", "educational-value labels on a sample (rubric or teacher judge)",
-                 "annotate"),
-    "filter": ("nanophi.textbook.filter", "random forest on embeddings: keep the educational documents", "filter"),
-    "generate": ("nanophi.textbook.synthesize", "synthetic textbooks or exercises from a teacher model", "generate"),
-    "verify": ("nanophi.textbook.verify", "run exercises against their tests in the sandbox; parse-check textbooks",
-               "verify"),
-    "dedup": ("nanophi.textbook.dedup", "exact and MinHash-LSH near-duplicate removal", "dedup"),
-    "decontaminate": ("nanophi.textbook.decontaminate", "remove HumanEval look-alikes (13-grams, AST similarity)",
-                      "decontaminate"),
-    "card": ("nanophi.textbook.card", "write a dataset card (counts, tokens, yields, provenance, licences)", "card"),
-    "pack": ("nanophi.textbook.card", "tokenize records into train/val memmaps for `nanophi train`", "pack"),
-    "run": ("nanophi.textbook.pipeline", "run every stage: --preset tiny|small|full --out DIR", "run"),
-    # the case study: a module with a plain add_arguments/run pair (stem "")
-    "experiment": ("nanophi.textbook.experiment", "train students on the pipeline's arms and compare with phi-1", ""),
+# stage -> (module, one-line help); each module has `add_arguments(parser)` and `run(args) -> int`.
+STAGES: dict[str, tuple[str, str]] = {
+    "pool": ("nanophi.textbook.pool", "raw code documents from a folder of .py files (default: the stdlib)"),
+    "annotate": ("nanophi.textbook.annotate", "educational-value labels on a sample (rubric or teacher judge)"),
+    "filter": ("nanophi.textbook.filter", "random forest on embeddings: keep the educational documents"),
+    "generate": ("nanophi.textbook.synthesize", "synthetic textbooks or exercises from a teacher model"),
+    "verify": ("nanophi.textbook.verify", "run exercises against their tests in the sandbox; parse-check textbooks"),
+    "dedup": ("nanophi.textbook.dedup", "exact and MinHash-LSH near-duplicate removal"),
+    "decontaminate": ("nanophi.textbook.decontaminate", "remove HumanEval look-alikes (13-grams, AST similarity)"),
+    "card": ("nanophi.textbook.card", "write a dataset card (counts, tokens, yields, provenance, licences)"),
+    "pack": ("nanophi.textbook.pack", "tokenize records into train/val memmaps for `nanophi train`"),
+    "run": ("nanophi.textbook.pipeline", "run every stage: --preset tiny|small|full --out DIR"),
+    "experiment": ("nanophi.textbook.experiment", "train students on the pipeline's arms and compare with phi-1"),
 }
 
 
@@ -133,34 +129,17 @@ def check_out(out: Path, *, is_dir: bool, inputs: Sequence[Path] = ()) -> None:
                         "another --out")
 
 
-def _names(stem: str) -> tuple[str, str]:
-    """(argument adder, runner) of a stage module."""
-    return ("add_arguments", "run") if not stem else (f"add_{stem}_arguments", f"run_{stem}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
-    for stage, (module_name, help_line, stem) in STAGES.items():
+    for stage, (module_name, help_line) in STAGES.items():
         p = sub.add_parser(stage, help=help_line, description=help_line)
         # The stage modules are light at import time (their heavy imports sit inside functions).
-        module = importlib.import_module(module_name)
-        adder, runner = _names(stem)
-        getattr(module, adder)(p)
-        if stage == "annotate":  # the judge needs a teacher; the module itself takes one as an argument
-            from nanophi.textbook.teacher import add_teacher_arguments
-
-            add_teacher_arguments(p)
-        p.set_defaults(_stage_run=(module_name, runner))
+        importlib.import_module(module_name).add_arguments(p)
+        p.set_defaults(_stage_module=module_name)
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "_stage_run", None) is None:
+    if getattr(args, "_stage_module", None) is None:
         raise UserError(f"name a stage: nanophi textbook {{{','.join(STAGES)}}} (see nanophi textbook --help)")
     check_args(args)
-    module_name, fn_name = args._stage_run
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    if args.stage == "annotate" and args.labeler == "llm":
-        from nanophi.textbook.teacher import teacher_from_args
-
-        return int(fn(args, teacher_from_args(args)) or 0)
-    return int(fn(args) or 0)
+    return int(importlib.import_module(args._stage_module).run(args) or 0)

@@ -361,7 +361,7 @@ def tau_sweep(
     return {t: sum(s >= t for s in scores) for t in taus}
 
 
-def add_decontaminate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="input JSONL of records with 'id' and 'text'")
     parser.add_argument("--out", required=True, help="output JSONL without HumanEval look-alikes")
     parser.add_argument("--tau", type=float, default=TAU, help="AST similarity at or above which is a match")
@@ -375,7 +375,7 @@ def add_decontaminate_arguments(parser: argparse.ArgumentParser) -> None:
     add_scale_arguments(parser)
 
 
-def run_decontaminate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         sweep = [float(t) for t in args.sweep.split(",") if t.strip()]
     except ValueError:

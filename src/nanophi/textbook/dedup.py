@@ -93,7 +93,7 @@ def dedup(
     return stats
 
 
-def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="input JSONL of records with 'id' and 'text'")
     parser.add_argument("--out", required=True, help="output JSONL without duplicates")
     parser.add_argument("--threshold", type=float, default=0.7,
@@ -106,7 +106,7 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
     add_scale_arguments(parser)
 
 
-def run_dedup(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if getattr(args, "tasks", 1) > 1:
         from nanophi.textbook.dedup_scale import dedup_sharded
         from nanophi.textbook.scale import executor_from_args, submitted_message

@@ -293,7 +293,7 @@ def filter_sharded(labels_path: str | os.PathLike, pool_path: str | os.PathLike,
     return stats
 
 
-def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("labels", help="labels JSONL written by `nanophi textbook annotate`")
     parser.add_argument("pool", help="pool JSONL to filter")
     parser.add_argument("--out", required=True, help="output JSONL of kept documents")
@@ -307,7 +307,7 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     add_scale_arguments(parser)
 
 
-def run_filter(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if getattr(args, "tasks", 1) > 1:
         from nanophi.textbook.scale import executor_from_args, submitted_message
 

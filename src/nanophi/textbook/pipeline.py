@@ -257,7 +257,7 @@ def run_pipeline(out: str | os.PathLike, preset: str | Preset = "tiny", *, seed:
     return summary
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     from nanophi.textbook.teacher import DEFAULT_TEACHER
 
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
@@ -283,7 +283,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_executor_arguments(parser)
 
 
-def run_run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     p = PRESETS[args.preset]
     overrides = {k: v for k, v in (("labeler", args.labeler), ("textbooks", args.textbooks),
                                    ("exercises", args.exercises)) if v is not None}

@@ -381,7 +381,7 @@ def build_pool_sharded(source: str | None, out: str | os.PathLike, *, tasks: int
     return stats
 
 
-def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default=None,
                         help="folder of .py files, JSONL(.gz/.zst) or parquet file/folder with 'text'/'content', a "
                              "save_to_disk folder, or hf:ORG/NAME[:SPLIT] (default: this Python's stdlib)")
@@ -397,7 +397,7 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     add_scale_arguments(parser)
 
 
-def run_pool(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if getattr(args, "tasks", 1) > 1:
         if args.max_docs is not None:
             raise UserError("--max-docs stops one pass at a count; run it with --tasks 1")

@@ -222,7 +222,7 @@ def generate(
     return stats
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=KINDS, required=True, help="textbook sections or coding exercises")
     parser.add_argument("--n", type=int, required=True, help="how many records the output should hold")
     parser.add_argument("--out", required=True, help="output folder (writes <kind>.jsonl and its stats)")
@@ -239,7 +239,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_teacher_arguments(parser)
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     teacher = teacher_from_args(args)
     stats = generate(args.kind, args.n, args.out, teacher, seed=args.seed, max_tokens=args.max_tokens,
                      temperature=args.temperature, batch=args.batch)

@@ -344,7 +344,7 @@ def verify_sharded(in_path: str | os.PathLike, out: str | os.PathLike, *, tasks:
                          executor=executor or LOCAL)
 
 
-def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="generated records (exercises.jsonl or textbooks.jsonl)")
     parser.add_argument("--out", required=True, help="output JSONL of the records that pass")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per exercise program")
@@ -359,7 +359,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     add_executor_arguments(parser)
 
 
-def run_verify(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if getattr(args, "tasks", 1) > 1:
         from nanophi.textbook.scale import executor_from_args, submitted_message
 
@@ -379,3 +379,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 __all__ = ["Exercise", "check_textbook", "code_blocks", "parse_exercise", "verify", "verify_sharded"]
+
+
+# The names before every stage took `add_arguments`/`run`; tests/test_textbook_scale.py still imports them.
+add_verify_arguments, run_verify = add_arguments, run
