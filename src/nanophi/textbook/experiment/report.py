@@ -1,12 +1,8 @@
 """The case study's report: per-arm means with 95 % intervals over seeds, the paper's directions
 tested as paired differences, tables beside phi-1's numbers, plots, and the limitations (report.md + report.html).
 
-Intervals over seeds are Student-t intervals (with 2 seeds the t quantile is 12.7: honest, and wide). A direction
-"held" when the paired-difference interval lies entirely on the paper's side of zero, is "reversed" when it lies
-entirely on the other side, and is "inconclusive" otherwise; when every model scores the same (all zero, say)
-there is "no signal". With few seeds, pass@k directions are also tested per problem: each problem's solved count
-summed over seeds, better arm against worse, by an exact two-sided sign test over the problems where they differ
-(McNemar's exact test when the counts are 0/1, as greedy ones are with one seed).
+The statistics (Student-t intervals over seeds, held / reversed / inconclusive directions, per-problem sign
+tests) are `stats`'s, the tables `tables`', the plots `figures`'; this module assembles them.
 
 Every number of report.md and of docs/case_study.md's results section comes from results.json through this
 module (`python -m nanophi.textbook.experiment.report RESULTS --doc docs/case_study.md` rewrites both); the
