@@ -1,7 +1,8 @@
 """Decode benchmarks of the engine: tokens/s and prefill time (`bench_generate`, behind `nanophi bench
 generate`), the loss of a --dtype/--quantize mode's decoding beside fp32's (`decode_loss`), and transformers'
 `generate` on the same weights as a baseline, and what every decode benchmark reports beside its numbers (the
-CPU's flags, spreads over rounds). The llama.cpp comparison is in nanophi.bench_llama, serving in nanophi.bench_serve."""
+CPU's flags, spreads over rounds). The llama.cpp comparison is in nanophi.bench_llama, serving in
+nanophi.bench_serve."""
 
 from __future__ import annotations
 
