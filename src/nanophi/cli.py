@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("nanophi.debug.report", "write RUN/report.html with the run's plots"),
     "overfit": ("nanophi.debug.sanity", "overfit one batch and give a verdict"),
     "lr-find": ("nanophi.debug.lr_find", "learning-rate range test with a plot and a suggestion"),
-    "bench": ("nanophi.bench", "benchmarks that print numbers: train, prepare, generate"),
+    "bench": ("nanophi.bench", "benchmarks that print numbers: train, prepare, generate, serve"),
     "sandbox": ("nanophi.sandbox.cli", "run untrusted Python in a sandbox"),
     "humaneval": ("nanophi.humaneval", "generate and score HumanEval completions"),
     "textbook": ("nanophi.textbook.cli", "the textbook-quality data pipeline (phi-1)"),
