@@ -58,7 +58,6 @@ def decode_copy(model: GPT, device: torch.device, dtype: torch.dtype, quantize: 
     for module in shadow.modules():  # training-time diagnostics hooks stay with the training model
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
-        module.__dict__.pop("act_out", None)
     if quantize == "int8":
         return _quantize_int8(shadow)
     if quantize == "int4":
