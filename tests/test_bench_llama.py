@@ -25,16 +25,23 @@ def test_unknown_pair_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> Non
     assert "--pairs takes a comma list of fp32, int8, int4" in capsys.readouterr().err
 
 
-def test_compare_llama_cpp_times_both_on_the_same_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small trained llama-preset model (RoPE, RMSNorm, SwiGLU: the architecture llama.cpp runs), widths that
+    int4 and Q4_1 can pack."""
     pytest.importorskip("llama_cpp")
-    corpus = tmp_path / "corpus.txt"
+    tmp = tmp_path_factory.mktemp("llama")
+    corpus = tmp / "corpus.txt"
     corpus.write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
-    # llama preset (RoPE, RMSNorm, SwiGLU), the architecture llama.cpp runs; widths that int4 and Q4_1 can pack
-    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--preset", "llama",
+    assert main(["train", "--data", str(corpus), "--out", str(tmp / "run"), "--preset", "llama",
                  "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64", "--max-iters", "30",
                  "--lr", "3e-3", "--dashboard", "off", "--tokenizer", "bpe", "--vocab-size", "320"]) == 0
+    return tmp / "run"
+
+
+def test_compare_llama_cpp_times_both_on_the_same_weights(llama_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
-    assert main(["bench", "generate", "--model", str(tmp_path / "run"), "--compare", "llama.cpp", "--threads", "1",
+    assert main(["bench", "generate", "--model", str(llama_run), "--compare", "llama.cpp", "--threads", "1",
                  "--rounds", "2", "--prompt-tokens", "8", "--new-tokens", "12", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["threads"] == 1 and out["rounds"] == 2
@@ -45,3 +52,16 @@ def test_compare_llama_cpp_times_both_on_the_same_weights(tmp_path: Path, capsys
         assert r["ratio"]["min"] <= r["ratio"]["median"] <= r["ratio"]["max"]
     # the same fp32 weights, the same prompt, greedy: llama.cpp picks the tokens nanophi picks
     assert out["fp32"]["greedy_tokens_agree"] == 12
+
+
+def test_batch_compare_decodes_every_row_like_llama_cpp(llama_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--batch-size 4: llama.cpp decodes 4 sequences in one llama_batch; in fp32 every row's greedy tokens match."""
+    capsys.readouterr()
+    assert main(["bench", "generate", "--model", str(llama_run), "--compare", "llama.cpp", "--threads", "1",
+                 "--rounds", "1", "--batch-size", "4", "--prompt-tokens", "8", "--new-tokens", "12",
+                 "--pairs", "fp32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["batch_size"] == 4
+    r = out["fp32"]
+    assert r["nanophi_tok_s"]["min"] > 0 and r["llama_cpp_tok_s"]["min"] > 0
+    assert r["greedy_tokens_agree"] == 12 and r["greedy_rows_agree"] == 4
