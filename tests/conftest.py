@@ -91,3 +91,22 @@ def serve_gutenberg(tmp_path: Path, book: str, monkeypatch: pytest.MonkeyPatch) 
     finally:
         server.shutdown()
         server.server_close()
+
+
+ASCII = "".join(chr(c) for c in range(32, 127)) + "\n"
+
+
+def tiny_ascii_model() -> Any:
+    """A random-weights llama-style GPT over printable ASCII (`ASCII`, as a CharTokenizer's sorted alphabet): no
+    EOS, so every row runs its whole budget; weights N(0, 0.3) so greedy text varies by prompt."""
+    import torch
+
+    from nanophi.model import GPT, PRESETS, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=len(ASCII), **PRESETS["llama"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.eval()

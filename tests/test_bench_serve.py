@@ -8,25 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanophi import checkpoint
 from nanophi.cli import main
-from nanophi.model import GPT, PRESETS, GPTConfig
+from nanophi.model import GPT
 from nanophi.tokenizer import CharTokenizer
 
-CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
+from conftest import ASCII, tiny_ascii_model
+
 
 
 def tiny() -> tuple[GPT, CharTokenizer]:
-    """A random-weights llama-style model over printable ASCII: no EOS, so every row runs its whole budget."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=len(CHARS), **PRESETS["llama"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return model.eval(), CharTokenizer(sorted(CHARS))
+    return tiny_ascii_model(), CharTokenizer(sorted(ASCII))
 
 
 @pytest.mark.parametrize("missing", ["openai", "uvicorn", "fastapi"])

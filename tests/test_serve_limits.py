@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ASCII as CHARS
 from conftest import free_port, serve_in_thread
-import torch
+from conftest import tiny_ascii_model as tiny_model
 
 from nanophi import checkpoint
-from nanophi.model import GPT, PRESETS, GPTConfig
 from nanophi.tokenizer import CharTokenizer
 
 openai = pytest.importorskip("openai")
@@ -29,18 +29,9 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 KEY = "sk-test-nanophi"
-CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def tiny_model() -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=len(CHARS), **PRESETS["llama"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return model.eval()
 
 
 def save_run(tmp: Path) -> Path:
