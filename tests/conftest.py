@@ -7,7 +7,6 @@ import contextlib
 import http.server
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,21 +44,10 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve_in_thread(app: Any) -> Iterator[str]:
     """Run an ASGI app under uvicorn on a free loopback port in a daemon thread; yields its base URL."""
-    import uvicorn
+    from nanophi.bench_serve import LocalServer
 
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert srv.started, "uvicorn did not start within 30 s"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
+    with LocalServer(app) as root:
+        yield root
 
 
 @contextlib.contextmanager

@@ -46,8 +46,9 @@ def _import_serve_deps() -> Any:
     return openai
 
 
-class _Server:
-    """uvicorn serving `app` on a free 127.0.0.1 port in a daemon thread, for a `with` block."""
+class LocalServer:
+    """uvicorn serving `app` on a free 127.0.0.1 port in a daemon thread, for a `with` block that gets its root
+    URL (the tests' servers are these too)."""
 
     def __init__(self, app: Any) -> None:
         import socket
@@ -69,7 +70,7 @@ class _Server:
         if not self.server.started:
             self.server.should_exit = True
             raise UserError(f"the server did not start on 127.0.0.1:{self.port} within {STARTUP_TIMEOUT_S} s")
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://127.0.0.1:{self.port}"
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
@@ -152,8 +153,8 @@ def bench_serve(
 
     tok_s: dict[str, list[float]] = {"serve": [], "engine": []}
     batches: list[int] = []
-    with _Server(app) as base_url:
-        pool = [openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    with LocalServer(app) as root:
+        pool = [openai.OpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
                 for _ in range(clients)]
         _wave(pool, prompts, 2)  # warm-up: connections, thread pools, kernels' first-call setup
         engine_run(2)
